@@ -1,0 +1,34 @@
+# One venv for everything; `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The exact torch pair this project is tested with (pyproject's [train] extra allows ranges).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench-transfer bench-transfer-quick clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/km-edge demo --workdir demo-work
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench-transfer: $(STAMP)
+	$(BIN)/python benchmarks/transfer.py
+
+bench-transfer-quick: $(STAMP)
+	$(BIN)/python benchmarks/transfer.py --quick --out benchmarks/results/quick
+
+clean:
+	rm -rf demo-work .pytest_cache

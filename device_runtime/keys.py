@@ -1,0 +1,144 @@
+"""Ed25519 signing keys for task packs: make a pair, load it back, name a key by its id.
+
+A pack names the key that signed it by ``key_id`` so the device can pick the right trusted public
+key before it verifies anything; the id is derived from the key itself, so it cannot drift.
+Key files are plain PEM (PKCS8 private, SubjectPublicKeyInfo public) so `openssl` can read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import KeyFileError
+from .files import write_atomic
+
+__all__ = [
+    "PRIVATE_KEY_NAME",
+    "PUBLIC_KEY_NAME",
+    "key_id",
+    "generate_keypair",
+    "load_private_key",
+    "load_public_key",
+    "load_trusted_keys",
+]
+
+PRIVATE_KEY_NAME = "signing.key"
+PUBLIC_KEY_NAME = "signing.pub"
+KEY_ID_HEX_CHARS = 16
+# A PEM Ed25519 key is ~120 bytes; anything far larger is not a key file (and is not read whole).
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """First 16 hex chars of sha256 over the raw 32-byte public key (or a private key's public)."""
+    if isinstance(public_key, Ed25519PrivateKey):
+        public_key = public_key.public_key()
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX_CHARS]
+
+
+def generate_keypair(keys_dir: str | os.PathLike, force: bool = False) -> tuple[Path, Path, str]:
+    """Write a new pair to ``keys_dir``; returns (private path, public path, key id).
+
+    Refuses to replace an existing key unless ``force``: losing a signing key orphans every device
+    that trusts it. The private key file is created 0600 (never readable by others, not even for a
+    moment: the temporary file is made by mkstemp, which opens with 0600) and renamed into place.
+    """
+    keys_dir = Path(keys_dir)
+    private_path = keys_dir / PRIVATE_KEY_NAME
+    public_path = keys_dir / PUBLIC_KEY_NAME
+    existing = [str(p) for p in (private_path, public_path) if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise KeyFileError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+            "pass --force to replace the key pair (packs signed with the old key stop verifying)"
+        )
+    if not keys_dir.exists():
+        keys_dir.mkdir(parents=True, mode=0o700)
+
+    private_key = Ed25519PrivateKey.generate()
+    private_pem = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public_pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    write_atomic(private_path, private_pem, mode=0o600)
+    write_atomic(public_path, public_pem, mode=0o644)
+    return private_path, public_path, key_id(private_key)
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: key file not found") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{path}: is a directory, not a key file") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read key file ({exc.strerror or exc})") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path}: too large to be a PEM key file")
+    return data
+
+
+def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
+    """The Ed25519 signing key in an unencrypted PEM (PKCS8) file."""
+    path = Path(path)
+    data = _read_key_file(path)
+    if b"PUBLIC KEY-----" in data:
+        raise KeyFileError(
+            f"{path}: is a public key; signing needs the private key ({PRIVATE_KEY_NAME})"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # cryptography's way of saying "encrypted, and no password given"
+        raise KeyFileError(
+            f"{path}: private key is encrypted; km-edge needs an unencrypted key"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError(f"{path}: not a PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path}: is a {type(key).__name__} key; km-edge signs with Ed25519")
+    return key
+
+
+def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
+    """The Ed25519 public key in a PEM (SubjectPublicKeyInfo) file."""
+    path = Path(path)
+    data = _read_key_file(path)
+    if b"PRIVATE KEY-----" in data:
+        # Refused rather than derived: copying a private key onto a device is the mistake to catch.
+        raise KeyFileError(
+            f"{path}: is a private key; devices trust the public key ({PUBLIC_KEY_NAME})"
+        )
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyFileError(f"{path}: not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{path}: is a {type(key).__name__} key; km-edge packs use Ed25519")
+    return key
+
+
+def load_trusted_keys(
+    paths: Iterable[str | os.PathLike] | str | os.PathLike,
+) -> dict[str, Ed25519PublicKey]:
+    """Public keys a device accepts packs from, keyed by :func:`key_id` (one path also works)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    trusted: dict[str, Ed25519PublicKey] = {}
+    for path in paths:
+        key = load_public_key(path)
+        trusted[key_id(key)] = key
+    return trusted

@@ -1,0 +1,370 @@
+"""The device runtime: one frozen base, task packs switched in and out.
+
+``Runtime`` decides what to trust: a pack is used only after its signature verifies
+(``packformat.read_pack``), its ``base_id`` equals this base's, every tensor fits the base
+manifest, and it is not older than a pack already loaded for the same task. All checks run before
+anything is built, so a refused pack leaves the active one untouched. Kernels are rebuilt once per
+load; sessions are cached by the pack file's sha256 so switching back to a recent task is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import km
+from .backends import make_backend
+from .basefiles import BN_TENSORS, Base
+from .errors import (
+    BaseMismatchError,
+    DataError,
+    DowngradeError,
+    ImageError,
+    MalformedPackError,
+    ShapeMismatchError,
+)
+from .imagefolder import list_image_folder
+from .packformat import MAX_PACK_BYTES, read_pack
+from .preprocess import check_spec, load_image, preprocess
+
+__all__ = ["Runtime", "LoadedPack"]
+
+
+@dataclass
+class LoadedPack:
+    """A verified pack with its ready backend; ``timings_ms`` has verify, rebuild, session
+    (and preprocess, infer after predict/evaluate)."""
+
+    pack: object
+    backend: object
+    path: Path
+    sha256: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.pack.labels)
+
+
+class _Stopwatch:
+    """Adds the elapsed milliseconds of a ``with`` block to ``timings[key]``."""
+
+    def __init__(self, timings: dict, key: str, accumulate: bool = False):
+        self.timings, self.key, self.accumulate = timings, key, accumulate
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        elapsed = (time.perf_counter() - self.start) * 1000.0
+        previous = self.timings.get(self.key, 0.0) if self.accumulate else 0.0
+        self.timings[self.key] = previous + elapsed
+        return False
+
+
+def _short(base_id: str) -> str:
+    return f"{str(base_id)[:12]}…"
+
+
+def _shape(array) -> tuple[int, ...]:
+    return tuple(np.shape(array))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+class Runtime:
+    """Holds one base and one active task pack; see the module docstring for what it checks."""
+
+    def __init__(self, base_dir: str | os.PathLike, trusted_keys: Mapping[str, object],
+                 backend: str = "ort", threads: int | None = None, verify_base: bool = True,
+                 cache_size: int = 4):
+        self.base = Base.open(base_dir, verify=verify_base)
+        self.trusted_keys = dict(trusted_keys)
+        self.backend_name = backend
+        self.threads = threads
+        self.cache_size = max(1, int(cache_size))
+        self._cache: OrderedDict[str, LoadedPack] = OrderedDict()
+        self._newest_version: dict[str, int] = {}  # task -> highest pack_version loaded
+        self.active: LoadedPack | None = None
+
+    # --- loading --------------------------------------------------------------------------
+    def check_pack(self, path: str | os.PathLike):
+        """Everything ``load_pack`` checks (signature, key, format, base_id, shapes), nothing built."""
+        path = Path(path)
+        pack = read_pack(self._read_bytes(path), self.trusted_keys, name=path.name)
+        self._check_base(path, pack)
+        self._check_shapes(path, pack)
+        self._check_preprocess(path, pack)
+        return pack
+
+    def load_pack(self, path: str | os.PathLike) -> LoadedPack:
+        """Verify, check and activate the pack at ``path``; raises a PackError subclass if refused."""
+        path = Path(path)
+        timings: dict[str, float] = {}
+        with _Stopwatch(timings, "verify"):
+            data = self._read_bytes(path)
+            digest = hashlib.sha256(data).hexdigest()
+            cached = self._cache.get(digest)
+            # identical bytes were verified and checked against this base when first loaded
+            pack = cached.pack if cached else read_pack(data, self.trusted_keys, name=path.name)
+        if cached is not None:
+            self._check_version(path, pack)
+            self._cache.move_to_end(digest)
+            cached.path = path
+            cached.timings_ms.update(timings, rebuild=0.0, session=0.0)
+            cached.timings_ms.pop("preprocess", None)
+            cached.timings_ms.pop("infer", None)
+            return self._activate(cached)
+
+        self._check_base(path, pack)
+        self._check_shapes(path, pack)
+        self._check_preprocess(path, pack)
+        self._check_version(path, pack)
+        with _Stopwatch(timings, "rebuild"):
+            kernels = km.rebuild_kernels(self.base.conv_kernels(), pack.layers)
+        overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
+        for layer in pack.bn:
+            for tensor_name, array in layer["tensors"].items():
+                overrides[self.base.initializer_for(layer["name"], tensor_name)] = array
+        with _Stopwatch(timings, "session"):
+            backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads)
+        loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings)
+        self._cache[digest] = loaded
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return self._activate(loaded)
+
+    def _activate(self, loaded: LoadedPack) -> LoadedPack:
+        task, version = loaded.pack.task, int(loaded.pack.pack_version)
+        self._newest_version[task] = max(version, self._newest_version.get(task, version))
+        self.active = loaded
+        return loaded
+
+    @staticmethod
+    def _read_bytes(path: Path) -> bytes:
+        """The file's bytes (one past the size limit at most, so read_pack refuses it)."""
+        try:
+            with open(path, "rb") as handle:
+                return handle.read(MAX_PACK_BYTES + 1)
+        except FileNotFoundError:
+            raise MalformedPackError(f"{path.name}: no such file") from None
+        except IsADirectoryError:
+            raise MalformedPackError(f"{path.name}: is a directory, not a pack") from None
+        except OSError as exc:
+            raise MalformedPackError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+
+    def _check_version(self, path: Path, pack) -> None:
+        newest = self._newest_version.get(pack.task)
+        if newest is not None and int(pack.pack_version) < newest:
+            raise DowngradeError(
+                f"{path.name}: pack version {pack.pack_version} of task {pack.task!r} is older than "
+                f"version {newest} already loaded"
+            )
+
+    def _check_base(self, path: Path, pack) -> None:
+        if pack.base_id != self.base.base_id:
+            raise BaseMismatchError(
+                f"pack {path.name} was made for base {_short(pack.base_id)}, "
+                f"this base is {_short(self.base.base_id)}"
+            )
+
+    def _check_preprocess(self, path: Path, pack) -> None:
+        if pack.preprocess:
+            try:
+                check_spec(pack.preprocess)
+            except ValueError as exc:
+                raise MalformedPackError(f"{path.name}: {exc}") from None
+
+    def _check_shapes(self, path: Path, pack) -> None:
+        """Every layer, head and BN tensor against the manifest, before anything is built."""
+        def refuse(message: str):
+            raise ShapeMismatchError(f"{path.name}: {message}")
+
+        conv_shapes = self.base.conv_shapes
+        seen = set()
+        for layer in pack.layers:
+            name = layer["name"]
+            if name not in conv_shapes:
+                refuse(f"layer {name!r} is not a conv layer of this base")
+            if name in seen:
+                refuse(f"layer {name!r} appears twice")
+            seen.add(name)
+            weight_shape = conv_shapes[name]
+            tensors = layer["tensors"]
+            # kind, activation and scale were validated by read_pack; shapes need the base
+            if layer["adapter"] == "km":
+                kind = layer["kind"]
+                if set(tensors) != set(km.MODULATOR_TENSORS) or len(_shape(tensors["w1"])) != 2:
+                    refuse(f"layer {name!r} needs tensors {', '.join(km.MODULATOR_TENSORS)}")
+                d = km.vector_length(kind, weight_shape)
+                expected = km.modulator_shapes(d, _shape(tensors["w1"])[1])
+            elif layer["adapter"] == "lora":
+                if set(tensors) != set(km.LORA_TENSORS) or len(_shape(tensors["a"])) != 2:
+                    refuse(f"layer {name!r} needs LoRA tensors a, b")
+                rank = _shape(tensors["a"])[0]
+                fan_in = int(np.prod(weight_shape[1:]))
+                expected = {"a": (rank, fan_in), "b": (weight_shape[0], rank)}
+            else:
+                refuse(f"layer {name!r} has unknown adapter {layer['adapter']!r}")
+            for tensor_name, shape in expected.items():
+                if _shape(tensors[tensor_name]) != tuple(shape):
+                    refuse(
+                        f"layer {name!r} tensor {tensor_name} has shape "
+                        f"{list(_shape(tensors[tensor_name]))}, the base needs {list(shape)}"
+                    )
+
+        n_labels, feature_size = len(pack.labels), self.base.feature_size
+        for tensor_name, shape in (("weight", (n_labels, feature_size)), ("bias", (n_labels,))):
+            if _shape(pack.head[tensor_name]) != shape:
+                refuse(
+                    f"head {tensor_name} has shape {list(_shape(pack.head[tensor_name]))}, "
+                    f"expected {list(shape)} ({n_labels} labels, {feature_size} features)"
+                )
+
+        bn_shapes = self.base.bn_shapes
+        for layer in pack.bn:
+            name = layer["name"]
+            if name not in bn_shapes:
+                refuse(f"BN layer {name!r} is not a BatchNorm layer of this base")
+            for tensor_name, array in layer["tensors"].items():
+                if tensor_name not in BN_TENSORS or tensor_name not in bn_shapes[name]:
+                    refuse(f"BN layer {name!r} has unknown tensor {tensor_name!r}")
+                if _shape(array) != bn_shapes[name][tensor_name]:
+                    refuse(
+                        f"BN layer {name!r} tensor {tensor_name} has shape {list(_shape(array))}, "
+                        f"the base needs {list(bn_shapes[name][tensor_name])}"
+                    )
+
+    # --- inference ------------------------------------------------------------------------
+    def _require_pack(self) -> LoadedPack:
+        if self.active is None:
+            raise RuntimeError("no task pack loaded; call load_pack() first")
+        return self.active
+
+    @property
+    def preprocess_spec(self) -> dict:
+        """The active pack's preprocessing (what its head was validated with), else the base's."""
+        if self.active is not None and self.active.pack.preprocess:
+            return self.active.pack.preprocess
+        return self.base.preprocess
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) preprocessed images -> (N, F) pooled features of the adapted model."""
+        return self._require_pack().backend.features(batch)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(N, n_labels) float32: the pack's head on the features."""
+        head = self._require_pack().pack.head
+        weight = np.asarray(head["weight"], dtype=np.float32)
+        bias = np.asarray(head["bias"], dtype=np.float32)
+        return self.features(batch) @ weight.T + bias
+
+    def _load_batch(self, paths: list, timings: dict) -> tuple[list[int], np.ndarray, dict]:
+        """Decode and preprocess; returns (indices of good images, batch, {index: error line})."""
+        good, arrays, errors = [], [], {}
+        spec = self.preprocess_spec
+        with _Stopwatch(timings, "preprocess", accumulate=True):
+            for index, path in enumerate(paths):
+                try:
+                    arrays.append(preprocess(load_image(path), spec))
+                    good.append(index)
+                except ImageError as exc:
+                    errors[index] = str(exc)
+        crop = int(spec["crop"])
+        batch = np.stack(arrays) if arrays else np.zeros((0, 3, crop, crop), np.float32)
+        return good, batch, errors
+
+    def _reset_request_timings(self, loaded: LoadedPack) -> dict:
+        loaded.timings_ms["preprocess"] = 0.0
+        loaded.timings_ms["infer"] = 0.0
+        return loaded.timings_ms
+
+    def predict(self, paths: Iterable[str | os.PathLike], top_k: int = 5,
+                batch_size: int = 32) -> list[dict]:
+        """Top-k labels per image, in input order; an unreadable image gets ``{"image", "error"}``
+        and the others are still predicted."""
+        loaded = self._require_pack()
+        labels = loaded.labels
+        top_k = max(1, min(int(top_k), len(labels)))
+        paths = list(paths)
+        timings = self._reset_request_timings(loaded)
+        results: list[dict] = []
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            good, batch, errors = self._load_batch(chunk, timings)
+            probabilities = np.zeros((0, len(labels)))
+            if len(good):
+                with _Stopwatch(timings, "infer", accumulate=True):
+                    probabilities = _softmax(self.logits(batch))
+            rows = dict(zip(good, probabilities))
+            for index, path in enumerate(chunk):
+                if index in errors:
+                    results.append({"image": str(path), "error": errors[index]})
+                    continue
+                row = rows[index]
+                order = np.argsort(-row, kind="stable")[:top_k]
+                results.append({"image": str(path), "top": [
+                    {"label": labels[i], "index": int(i), "probability": float(row[i])}
+                    for i in order
+                ]})
+        return results
+
+    def evaluate(self, folder: str | os.PathLike, batch_size: int = 64,
+                 progress: bool = False) -> dict:
+        """Top-1 accuracy of the active pack on an ImageFolder whose class names are pack labels.
+
+        Unreadable images are skipped and listed under ``errors`` (they do not count).
+        """
+        from tqdm import tqdm  # only needed here; keeps `import device_runtime.runtime` light
+
+        loaded = self._require_pack()
+        classes, samples = list_image_folder(folder)
+        label_index = {label: i for i, label in enumerate(loaded.labels)}
+        unknown = [name for name in classes if name not in label_index]
+        if unknown:
+            raise DataError(
+                f"{folder}: class folders {', '.join(unknown)} are not labels of task "
+                f"{loaded.pack.task!r} ({', '.join(loaded.labels)})"
+            )
+        timings = self._reset_request_timings(loaded)
+        correct = np.zeros(len(classes), dtype=np.int64)
+        counts = np.zeros(len(classes), dtype=np.int64)
+        errors = []
+        with tqdm(total=len(samples), disable=not progress, unit="img", desc="eval") as bar:
+            for start in range(0, len(samples), batch_size):
+                chunk = samples[start:start + batch_size]
+                good, batch, chunk_errors = self._load_batch([p for p, _ in chunk], timings)
+                errors.extend({"image": str(chunk[i][0]), "error": e} for i, e in chunk_errors.items())
+                if good:
+                    with _Stopwatch(timings, "infer", accumulate=True):
+                        predicted = np.argmax(self.logits(batch), axis=1)
+                    for row, index in zip(predicted, good):
+                        class_index = chunk[index][1]
+                        counts[class_index] += 1
+                        correct[class_index] += int(row == label_index[classes[class_index]])
+                bar.update(len(chunk))
+        n_images = int(counts.sum())
+        return {
+            "accuracy": float(correct.sum() / n_images) if n_images else 0.0,
+            "n_images": n_images,
+            "per_class": {
+                name: {"accuracy": float(correct[i] / counts[i]) if counts[i] else 0.0,
+                       "n": int(counts[i])}
+                for i, name in enumerate(classes)
+            },
+            "errors": errors,
+        }

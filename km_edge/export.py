@@ -1,0 +1,97 @@
+"""Export the frozen base: ONNX graph with BatchNorm kept, conv/BN tensors as aligned external data.
+
+The legacy TorchScript exporter is used with ``keep_initializers_as_inputs=True`` (which keeps
+every initializer under its state_dict name, undeduplicated, so each BatchNorm's tensors can be
+replaced on its own) and ``do_constant_folding=False`` (which keeps BatchNorm out of the conv
+weights, since KM acts on the un-folded kernel). The initializers are then removed from the
+graph inputs so onnxruntime treats them as constants and can fuse Conv+BN itself.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from device_runtime.basefiles import write_base
+
+from .adapters import conv_layers
+from .models import BaseModel
+
+OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAME = "features"
+
+
+def backbone_to_onnx(base: BaseModel) -> onnx.ModelProto:
+    backbone = base.backbone.eval()
+    dummy = torch.zeros(1, 3, base.input_size, base.input_size)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            backbone, (dummy,), buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            do_constant_folding=False,
+            keep_initializers_as_inputs=True,
+            training=torch.onnx.TrainingMode.EVAL,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    initializers = {init.name for init in model.graph.initializer}
+    graph_inputs = [value for value in model.graph.input if value.name not in initializers]
+    del model.graph.input[:]
+    model.graph.input.extend(graph_inputs)
+    model.producer_name, model.producer_version = "km-edge", "1"
+    return model
+
+
+def _graph_layers(model: onnx.ModelProto, backbone: nn.Module) -> tuple[list[dict], list[dict], dict]:
+    """Conv and BatchNorm layers in graph order, mapped to their torch module names."""
+    convs = dict(conv_layers(backbone))
+    bns = {name: m for name, m in backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    conv_entries, bn_entries, bn_eps = [], [], {}
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            layer = node.input[1].removesuffix(".weight")
+            if layer not in convs:
+                raise RuntimeError(f"exported Conv weight {node.input[1]!r} is not a conv of the backbone")
+            conv_entries.append({"name": layer, "initializer": node.input[1], "groups": convs[layer].groups})
+        elif node.op_type == "BatchNormalization":
+            layer = node.input[1].removesuffix(".weight")
+            if layer not in bns:
+                raise RuntimeError(f"exported BatchNormalization {node.input[1]!r} is not a BN of the backbone")
+            roles = ("weight", "bias", "running_mean", "running_var")
+            bn_entries.append({"name": layer, "tensors": dict(zip(roles, node.input[1:5]))})
+            bn_eps[layer] = float(bns[layer].eps)
+    if len(conv_entries) != len(convs):
+        raise RuntimeError(f"graph has {len(conv_entries)} Conv nodes, backbone has {len(convs)} convs")
+    return conv_entries, bn_entries, bn_eps
+
+
+def export_base(base: BaseModel, out_dir: str | Path) -> dict:
+    """Write base.onnx, base.weights and manifest.json; returns the manifest (with base_id)."""
+    model = backbone_to_onnx(base)
+    conv_entries, bn_entries, bn_eps = _graph_layers(model, base.backbone)
+    meta = {
+        "arch": base.arch,
+        "weights": base.weights,
+        "width": base.width,
+        "input_size": base.input_size,
+        "preprocess": base.preprocess,
+        "feature_size": base.feature_size,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "base_params": base.num_params(),
+        "base_fingerprint": base.fingerprint(),
+        "bn_eps": bn_eps,
+        "opset": OPSET,
+    }
+    return write_base(out_dir, model, conv_entries, bn_entries, meta)

@@ -1,0 +1,85 @@
+"""Turn a trained task checkpoint into a signed task pack for the exported base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from device_runtime.basefiles import Base
+from device_runtime.errors import BaseMismatchError, CheckpointError
+from device_runtime.keys import load_private_key
+from device_runtime.packformat import build_pack, write_pack
+
+from .adapters import adapters_of
+from .methods import PACKABLE_METHODS, batchnorms
+from .train import restore_task_model
+
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def pack_body(checkpoint: dict, base_files: Base, pack_version: int) -> dict:
+    """The pack's content (tensors as numpy arrays), checked against the exported base."""
+    if checkpoint["method"] not in PACKABLE_METHODS:
+        raise CheckpointError(
+            f"method {checkpoint['method']!r} trains the whole model and cannot be packed; "
+            f"use one of {', '.join(PACKABLE_METHODS)}"
+        )
+    manifest = base_files.manifest
+    if manifest.get("base_fingerprint") != checkpoint["base"]["fingerprint"]:
+        raise BaseMismatchError(
+            f"checkpoint for task {checkpoint['task']!r} was trained on another base than {base_files.graph_path.parent} "
+            "(re-export the base or retrain the task)"
+        )
+    model, _, config = restore_task_model(checkpoint)
+    layers = [adapter.pack_entry(name) for name, adapter in adapters_of(model.backbone).items()]
+    bn = []
+    if config.trains_bn:
+        named = {id(m): n for n, m in model.backbone.named_modules()}
+        for module in batchnorms(model.backbone):
+            bn.append({
+                "name": named[id(module)],
+                "tensors": {t: getattr(module, t).detach().cpu().numpy() for t in BN_TENSORS},
+            })
+    return {
+        "task": checkpoint["task"],
+        "pack_version": int(pack_version),
+        "base_id": base_files.base_id,
+        "labels": list(checkpoint["labels"]),
+        "preprocess": manifest["preprocess"],
+        "method": config.method,
+        "modulator": config.modulator.to_dict() if config.method == "km" else None,
+        "layers": layers,
+        "head": {
+            "weight": model.head.weight.detach().cpu().numpy(),
+            "bias": model.head.bias.detach().cpu().numpy(),
+        },
+        "bn": bn,
+        "metrics": {"host_val_accuracy": float(checkpoint["val_accuracy"]), **checkpoint.get("params", {})},
+        "trainer": {k: v for k, v in checkpoint["options"].items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+def write_task_pack(
+    checkpoint: dict,
+    base_dir: str | Path,
+    signing_key: str | Path,
+    out_path: str | Path,
+    pack_version: int = 1,
+    storage_dtype: str = "float32",
+) -> dict:
+    base_files = Base.open(base_dir, verify=True)
+    body = pack_body(checkpoint, base_files, pack_version)
+    data = build_pack(body, load_private_key(signing_key), storage_dtype=storage_dtype)
+    write_pack(out_path, data)
+    total = int(base_files.manifest["graph_bytes"]) + int(base_files.manifest["weights_bytes"])
+    return {
+        "task": body["task"],
+        "pack": str(out_path),
+        "pack_version": body["pack_version"],
+        "method": body["method"],
+        "storage_dtype": storage_dtype,
+        "pack_bytes": len(data),
+        "base_bytes": total,
+        "percent_of_base_bytes": round(100.0 * len(data) / total, 3),
+        "base_id": body["base_id"],
+        "host_val_accuracy": body["metrics"]["host_val_accuracy"],
+    }
