@@ -40,11 +40,16 @@ def command(group, *args, **kwargs):
                 return func(*a, **kw)
             except KmEdgeError as exc:
                 _fail(str(exc), EXIT_BAD_INPUT, as_json)
+
             except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise
             except KeyboardInterrupt:
                 _fail("interrupted", 130, as_json)
             except Exception as exc:  # anything else is our bug: say so, keep the traceback opt-in
+                if isinstance(exc, ModuleNotFoundError) and exc.name in ("torch", "torchvision"):
+                    name = func.__name__.removesuffix("_cmd").replace("_", "-")
+                    _fail(f"'{name}' runs on the host and needs torch: pip install 'km-edge[train]'",
+                          EXIT_BAD_INPUT, as_json)
                 if os.environ.get("KM_EDGE_DEBUG"):
                     traceback.print_exc()
                 _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL, as_json)

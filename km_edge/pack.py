@@ -16,6 +16,21 @@ from .train import restore_task_model
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
+def task_tensors(model, config) -> dict:
+    """A trained task model's pack tensors: adapted layers, head and BatchNorm overrides."""
+    layers = [adapter.pack_entry(name) for name, adapter in adapters_of(model.backbone).items()]
+    bn = []
+    if config.trains_bn:
+        named = {id(m): n for n, m in model.backbone.named_modules()}
+        for module in batchnorms(model.backbone):
+            bn.append({
+                "name": named[id(module)],
+                "tensors": {t: getattr(module, t).detach().cpu().numpy() for t in BN_TENSORS},
+            })
+    head = {"weight": model.head.weight.detach().cpu().numpy(), "bias": model.head.bias.detach().cpu().numpy()}
+    return {"layers": layers, "head": head, "bn": bn}
+
+
 def pack_body(checkpoint: dict, base_files: Base, pack_version: int) -> dict:
     """The pack's content (tensors as numpy arrays), checked against the exported base."""
     if checkpoint["method"] not in PACKABLE_METHODS:
@@ -30,15 +45,7 @@ def pack_body(checkpoint: dict, base_files: Base, pack_version: int) -> dict:
             "(re-export the base or retrain the task)"
         )
     model, _, config = restore_task_model(checkpoint)
-    layers = [adapter.pack_entry(name) for name, adapter in adapters_of(model.backbone).items()]
-    bn = []
-    if config.trains_bn:
-        named = {id(m): n for n, m in model.backbone.named_modules()}
-        for module in batchnorms(model.backbone):
-            bn.append({
-                "name": named[id(module)],
-                "tensors": {t: getattr(module, t).detach().cpu().numpy() for t in BN_TENSORS},
-            })
+    tensors = task_tensors(model, config)
     return {
         "task": checkpoint["task"],
         "pack_version": int(pack_version),
@@ -47,12 +54,7 @@ def pack_body(checkpoint: dict, base_files: Base, pack_version: int) -> dict:
         "preprocess": manifest["preprocess"],
         "method": config.method,
         "modulator": config.modulator.to_dict() if config.method == "km" else None,
-        "layers": layers,
-        "head": {
-            "weight": model.head.weight.detach().cpu().numpy(),
-            "bias": model.head.bias.detach().cpu().numpy(),
-        },
-        "bn": bn,
+        **tensors,
         "metrics": {"host_val_accuracy": float(checkpoint["val_accuracy"]), **checkpoint.get("params", {})},
         "trainer": {k: v for k, v in checkpoint["options"].items() if isinstance(v, (str, int, float, bool))},
     }
