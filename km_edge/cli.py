@@ -248,11 +248,11 @@ train_options = [
 
 
 def _train(task, overrides, as_json):
+    settings = _settings()
+    task_settings = settings.task(task)  # an unknown task is refused before torch is imported
+    options = settings.train_options(task, **overrides)
     from .train import train_task
 
-    settings = _settings()
-    task_settings = settings.task(task)
-    options = settings.train_options(task, **overrides)
     checkpoint = settings.path("checkpoints") / f"{task}.pt"
     return train_task(task, task_settings["data"], _base_spec(settings, None, None, None), options, checkpoint,
                       progress=not as_json)

@@ -245,7 +245,7 @@ def build_base(
     full_model, trunk, feature_size = spec.make(width)
     if weights is not None and not local:
         if spec.torchvision_name is None or full_model is None:
-            raise ConfigError(f"architecture {arch!r} has no torchvision weights; use a local .pth")
+            raise ConfigError(f"weights {weights!r}: no such file, and architecture {arch!r} has no torchvision weights")
         try:
             enum = torchvision.models.get_model_weights(spec.torchvision_name)[weights]
         except KeyError:

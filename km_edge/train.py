@@ -178,6 +178,9 @@ def train_task(
     """Train one task and write its checkpoint; returns the report ``km-edge train --json`` prints."""
     seed = int(options["seed"])
     seed_everything(seed)
+    weights = base_spec.get("weights")
+    if weights and Path(weights).exists():  # the checkpoint must find its base from any folder
+        base_spec = dict(base_spec, weights=str(Path(weights).resolve()))
     splits = load_task_splits(data_dir, seed)
     check_images(splits.train + splits.val)
     base = build_base(**base_spec)

@@ -31,11 +31,10 @@ REPORT_KEYS = {"task", "method", "val_accuracy", "trainable_params", "head_param
 TASK = "letters"
 NUM_CLASSES = 8  # A C E H K M R X
 CHANCE = 1 / NUM_CLASSES
-# What KM must gain over the untrained head (and over chance) on letters, in val accuracy. The
-# session's demo base is pretrained for a few epochs only (conftest), so its features are weak and
-# KM reaches about 0.2 on letters there; this margin is what that base supports with room for
-# platform-to-platform noise. A stronger base (more pretraining) would justify a larger margin.
-KM_MARGIN = 0.05
+# What KM must gain over the untrained head (and over chance) on letters, in val accuracy. On the
+# session's demo base (conftest) KM reaches about 0.58 on letters against 0.125 chance; the margin
+# leaves room for platform-to-platform noise.
+KM_MARGIN = 0.3
 BASELINE_EPOCHS = 2
 MODULATOR_TENSORS = ("w1", "b1", "w2", "b2", "scale")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -98,7 +97,7 @@ def expected_trainable(method: str, base, train_bn: bool = False) -> int:
     return sum(p.numel() for a in adapters.values() for p in a.parameters()) + (bn_affine if train_bn else 0)
 
 
-def load_tensors(path: Path) -> dict:
+def read_checkpoint(path: Path) -> dict:
     from km_edge.train import load_checkpoint
 
     return load_checkpoint(path)
@@ -131,7 +130,7 @@ def test_train_every_method_reports_one_json_object(demo_project, tmp_path, meth
     checkpoint_path = Path(report["checkpoint"])
     checkpoint_path = checkpoint_path if checkpoint_path.is_absolute() else root / checkpoint_path
     assert checkpoint_path.resolve() == (root / "checkpoints" / f"{TASK}.pt").resolve()
-    checkpoint = load_tensors(checkpoint_path)
+    checkpoint = read_checkpoint(checkpoint_path)
     assert checkpoint["method"] == method and checkpoint["task"] == TASK
     assert list(checkpoint["labels"]) == report["labels"]
     assert checkpoint["val_accuracy"] == report["val_accuracy"]
@@ -156,7 +155,7 @@ def test_train_bn_flag_adds_batchnorm_tensors(demo_project, tmp_path):
     convs, bns, _ = demo_layers(demo_project.base_weights)
     assert report["trainable_params"] == expected_trainable("km", base, train_bn=True)
     assert report["trainable_params"] > expected_trainable("km", build_base("demo", str(demo_project.base_weights)))
-    checkpoint = load_tensors(root / "checkpoints" / f"{TASK}.pt")
+    checkpoint = read_checkpoint(root / "checkpoints" / f"{TASK}.pt")
     assert set(checkpoint["tensors"]) == expected_task_keys("km", convs, bns, train_bn=True)
     # the BN statistics adapted to the task (they are task tensors, not the base's)
     running = checkpoint["tensors"][f"backbone.{bns[0]}.running_mean"]
@@ -183,7 +182,7 @@ def test_km_learns_beyond_untrained_head_and_chance(letters_pack):
 
 @pytest.mark.slow
 def test_km_checkpoint_holds_only_head_and_modulators(letters_pack, demo_project):
-    checkpoint = load_tensors(letters_pack.checkpoint)
+    checkpoint = read_checkpoint(letters_pack.checkpoint)
     convs, bns, _ = demo_layers(demo_project.base_weights)
     assert set(checkpoint["tensors"]) == expected_task_keys("km", convs, bns)
     # a few thousand numbers, far from a copy of the base
