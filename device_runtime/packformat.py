@@ -396,14 +396,17 @@ def read_pack(
     else:
         path = Path(source)
         label = name or path.name or str(path)
-        data = _read_file(path, label)
+        data = read_pack_file(path, label)
     try:
         return _read_bytes(data, trusted_keys)
     except PackError as exc:
         raise type(exc)(f"{label}: {_one_line(str(exc))}") from None
 
 
-def _read_file(path: Path, label: str) -> bytes:
+def read_pack_file(path: str | os.PathLike, label: str | None = None) -> bytes:
+    """A pack file's bytes, refused unread when it is too large, missing or not a file."""
+    path = Path(path)
+    label = label or path.name
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size

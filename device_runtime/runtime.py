@@ -31,7 +31,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .imagefolder import list_image_folder
-from .packformat import MAX_PACK_BYTES, read_pack
+from .packformat import read_pack, read_pack_file
 from .preprocess import check_spec, load_image, preprocess
 
 __all__ = ["Runtime", "LoadedPack"]
@@ -105,7 +105,7 @@ class Runtime:
     def check_pack(self, path: str | os.PathLike):
         """Everything ``load_pack`` checks (signature, key, format, base_id, shapes), nothing built."""
         path = Path(path)
-        pack = read_pack(self._read_bytes(path), self.trusted_keys, name=path.name)
+        pack = read_pack(read_pack_file(path), self.trusted_keys, name=path.name)
         self._check_base(path, pack)
         self._check_shapes(path, pack)
         self._check_preprocess(path, pack)
@@ -116,7 +116,7 @@ class Runtime:
         path = Path(path)
         timings: dict[str, float] = {}
         with _Stopwatch(timings, "verify"):
-            data = self._read_bytes(path)
+            data = read_pack_file(path)
             digest = hashlib.sha256(data).hexdigest()
             cached = self._cache.get(digest)
             # identical bytes were verified and checked against this base when first loaded
@@ -153,19 +153,6 @@ class Runtime:
         self._newest_version[task] = max(version, self._newest_version.get(task, version))
         self.active = loaded
         return loaded
-
-    @staticmethod
-    def _read_bytes(path: Path) -> bytes:
-        """The file's bytes (one past the size limit at most, so read_pack refuses it)."""
-        try:
-            with open(path, "rb") as handle:
-                return handle.read(MAX_PACK_BYTES + 1)
-        except FileNotFoundError:
-            raise MalformedPackError(f"{path.name}: no such file") from None
-        except IsADirectoryError:
-            raise MalformedPackError(f"{path.name}: is a directory, not a pack") from None
-        except OSError as exc:
-            raise MalformedPackError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
 
     def _check_version(self, path: Path, pack) -> None:
         newest = self._newest_version.get(pack.task)
