@@ -43,8 +43,8 @@ class ModulatorSpec:
 
     kind: str = "auto"
     kernel_hidden: int = 8
-    channel_hidden: int = 2
-    activation: str = "relu"
+    channel_hidden: int = 1
+    activation: str = "gelu"  # defaults chosen by benchmarks/transfer.py (with BatchNorm trained)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

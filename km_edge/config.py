@@ -41,9 +41,9 @@ device = "auto"        # cpu | cuda | mps | auto
 seed = 0
 modulator = "auto"     # kernel | channel | auto
 kernel_hidden = 8
-channel_hidden = 2
-activation = "relu"    # relu | silu | tanh | gelu
-train_bn = false
+channel_hidden = 1
+activation = "gelu"    # relu | silu | tanh | gelu
+# train_bn = true      # BatchNorm affine + statistics as task tensors (default: on for km, off otherwise)
 lora_rank = 2
 
 # One table per task; `data` holds train/ (and optionally val/) ImageFolder splits.
@@ -60,9 +60,9 @@ TRAIN_DEFAULTS = {
     "seed": 0,
     "modulator": "auto",
     "kernel_hidden": 8,
-    "channel_hidden": 2,
-    "activation": "relu",
-    "train_bn": False,
+    "channel_hidden": 1,
+    "activation": "gelu",
+    "train_bn": None,  # None: the method's default (on for km, see benchmarks/results/transfer.md)
     "lora_rank": 2,
     "lr": None,
     "head_lr": None,

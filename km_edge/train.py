@@ -162,7 +162,7 @@ def method_config(options: dict) -> MethodConfig:
             channel_hidden=int(options["channel_hidden"]),
             activation=options["activation"],
         ),
-        train_bn=bool(options["train_bn"]),
+        train_bn=(options["method"] == "km") if options["train_bn"] is None else bool(options["train_bn"]),
         lora_rank=int(options["lora_rank"]),
     )
 

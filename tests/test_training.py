@@ -66,7 +66,13 @@ def demo_layers(base_weights) -> tuple[list[str], list[str], int]:
     return convs, bns, base.feature_size
 
 
-def expected_task_keys(method: str, convs: list[str], bns: list[str], train_bn: bool = False) -> set[str]:
+def default_train_bn(method: str, train_bn: bool | None) -> bool:
+    """km trains BatchNorm by default (the transfer benchmark's choice); the others do not."""
+    return method == "km" if train_bn is None else train_bn
+
+
+def expected_task_keys(method: str, convs: list[str], bns: list[str], train_bn: bool | None = None) -> set[str]:
+    train_bn = default_train_bn(method, train_bn)
     keys = {"head.weight", "head.bias"}
     if method == "km":
         keys |= {f"backbone.{c}.parametrizations.weight.0.{t}" for c in convs for t in MODULATOR_TENSORS}
@@ -77,8 +83,9 @@ def expected_task_keys(method: str, convs: list[str], bns: list[str], train_bn: 
     return keys
 
 
-def expected_trainable(method: str, base, train_bn: bool = False) -> int:
+def expected_trainable(method: str, base, train_bn: bool | None = None) -> int:
     """Trainable backbone parameters of each method, counted from a fresh demo backbone."""
+    train_bn = default_train_bn(method, train_bn)
     from device_runtime.km import ModulatorSpec
     from km_edge.adapters import attach_km, attach_lora
 
@@ -91,7 +98,7 @@ def expected_trainable(method: str, base, train_bn: bool = False) -> int:
     if method == "full":
         return sum(p.numel() for p in backbone.parameters())
     if method == "km":
-        adapters = attach_km(backbone, ModulatorSpec())  # the config's defaults: auto, 8, 2, relu
+        adapters = attach_km(backbone, ModulatorSpec())  # the config's defaults: auto, 8, 1, gelu
     else:
         adapters = attach_lora(backbone, rank=2)
     return sum(p.numel() for a in adapters.values() for p in a.parameters()) + (bn_affine if train_bn else 0)
@@ -148,13 +155,16 @@ def test_train_every_method_reports_one_json_object(demo_project, tmp_path, meth
 @pytest.mark.slow
 def test_train_bn_flag_adds_batchnorm_tensors(demo_project, tmp_path):
     root = private_copy(demo_project, tmp_path / "project")
+    without = one_json_object(run_cli("train", "--task", TASK, "--method", "km", "--no-train-bn", "--epochs", 1,
+                                      "--max-steps", 2, "--json", cwd=root))
     result = run_cli("train", "--task", TASK, "--method", "km", "--train-bn", "--epochs", 1, "--max-steps", 2,
                      "--json", cwd=root)
     report = one_json_object(result)
     base = build_base("demo", str(demo_project.base_weights))
     convs, bns, _ = demo_layers(demo_project.base_weights)
+    assert without["trainable_params"] == expected_trainable("km", base, train_bn=False)
     assert report["trainable_params"] == expected_trainable("km", base, train_bn=True)
-    assert report["trainable_params"] > expected_trainable("km", build_base("demo", str(demo_project.base_weights)))
+    assert report["trainable_params"] > without["trainable_params"]
     checkpoint = read_checkpoint(root / "checkpoints" / f"{TASK}.pt")
     assert set(checkpoint["tensors"]) == expected_task_keys("km", convs, bns, train_bn=True)
     # the BN statistics adapted to the task (they are task tensors, not the base's)
@@ -181,7 +191,7 @@ def test_km_learns_beyond_untrained_head_and_chance(letters_pack):
 
 
 @pytest.mark.slow
-def test_km_checkpoint_holds_only_head_and_modulators(letters_pack, demo_project):
+def test_km_checkpoint_holds_only_head_modulators_and_batchnorm(letters_pack, demo_project):
     checkpoint = read_checkpoint(letters_pack.checkpoint)
     convs, bns, _ = demo_layers(demo_project.base_weights)
     assert set(checkpoint["tensors"]) == expected_task_keys("km", convs, bns)
