@@ -149,9 +149,11 @@ def test_logits_of_host_ort_and_reference_agree_and_differ_from_the_base(
     np.testing.assert_allclose(device["reference"], host, rtol=0, atol=1e-4)
     np.testing.assert_allclose(device["ort"], device["reference"], rtol=0, atol=1e-4)
 
-    # the same head on the unmodulated base: a "head" pack of the same task, same key
+    # the same head (and BatchNorm, which the default KM trains) on the unmodulated kernels: a "bn"
+    # pack of the same task, same key
     body = _body_of(letters_read)
-    body.update(method="head", modulator=None, layers=[], bn=[])
+    assert body["bn"], "the default KM trains BatchNorm"
+    body.update(method="bn", modulator=None, layers=[])
     head_only = tmp_path / "letters-head.kmp"
     write_pack(head_only, build_pack(body, project_key))
     runtime = Runtime(demo_project.base_dir, trusted)
@@ -505,7 +507,8 @@ def test_inspect_json_shows_everything_pack_wrote(demo_project, letters_pack, le
     assert info["labels"] == list(checkpoint["labels"])
     assert info["preprocess"] == base.preprocess
     assert info["method"] == "km"
-    assert info["modulator"] == {"kind": "auto", "kernel_hidden": 8, "channel_hidden": 2, "activation": "relu"}
+    assert info["modulator"] == {"kind": "auto", "kernel_hidden": 8, "channel_hidden": 1, "activation": "gelu"}
+    assert [entry["name"] for entry in info["bn"]] == [entry["name"] for entry in base.manifest["bn_layers"]]
     assert info["storage_dtype"] == "float32"
     assert info["key_id"] == next(iter(trusted))
     assert info["created"].endswith("Z") and info["created"] == letters_read.created
@@ -517,8 +520,8 @@ def test_inspect_json_shows_everything_pack_wrote(demo_project, letters_pack, le
         shape = conv_shapes[layer["name"]]
         kind = "kernel" if shape[2] * shape[3] > 1 else "channel"
         d = shape[2] * shape[3] if kind == "kernel" else shape[1]
-        h = 8 if kind == "kernel" else 2
-        assert layer["adapter"] == "km" and layer["kind"] == kind and layer["activation"] == "relu"
+        h = 8 if kind == "kernel" else 1
+        assert layer["adapter"] == "km" and layer["kind"] == kind and layer["activation"] == "gelu"
         assert layer["scale"] > 0
         assert {n: t["shape"] for n, t in layer["tensors"].items()} == {
             "w1": [d, h], "b1": [h], "w2": [h, d], "b2": [d]}
