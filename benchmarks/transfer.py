@@ -83,6 +83,16 @@ QUICK = {"bases": [dict(BASES[0], pretrain_epochs=1), dict(BASES[2], pretrain_ep
 _CACHE: dict = {}
 
 
+def grid_method(config: dict, **overrides):
+    """The MethodConfig of one grid configuration."""
+    from device_runtime.km import ModulatorSpec
+    from km_edge.methods import MethodConfig
+
+    options = {"train_bn": config.get("train_bn", False), "lora_rank": config.get("lora_rank", 2), **overrides}
+    modulator = ModulatorSpec(**config["modulator"]) if "modulator" in config else ModulatorSpec()
+    return MethodConfig(method=config["method"], modulator=modulator, **options)
+
+
 def _eval_loader(samples, spec):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -103,9 +113,8 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from device_runtime.imagefolder import list_image_folder
-    from device_runtime.km import ModulatorSpec
     from km_edge.data import make_loader, stratified_split
-    from km_edge.methods import DEFAULT_HEAD_LR, MethodConfig, parameter_report, set_train_mode
+    from km_edge.methods import head_learning_rate, parameter_report, set_train_mode
     from km_edge.models import build_base
     from km_edge.train import build_task_model, evaluate, fit, seed_everything
 
@@ -116,17 +125,12 @@ def run_one(job: dict) -> dict:
     classes, train = list_image_folder(Path(job["data"]) / "train")
     _, val = list_image_folder(Path(job["data"]) / "val")
     train, holdout = stratified_split(train, 0.2, seed=0)  # same holdout for every run
-    method = MethodConfig(
-        method=config["method"],
-        modulator=ModulatorSpec(**config["modulator"]) if "modulator" in config else ModulatorSpec(),
-        train_bn=config.get("train_bn", False),
-        lora_rank=config.get("lora_rank", 2),
-    )
+    method = grid_method(config)
     model = build_task_model(base, len(classes), method, job["seed"])
     report = parameter_report(model, base_params)
     spec = base.preprocess
     lr = job["lr"]
-    head_lr = lr if method.method == "full" else max(lr, DEFAULT_HEAD_LR)
+    head_lr = head_learning_rate(method.method, lr)
     result = fit(model, method, make_loader(train, spec, job["batch_size"], True, job["seed"]),
                  _eval_loader(holdout, spec), epochs=1, max_steps=job["steps"], lr=lr, head_lr=head_lr,
                  progress=False)
@@ -227,8 +231,7 @@ def prepare(workdir: Path, cfg: dict, pool, log) -> dict:
 
 def full_size_shares(config: dict) -> dict:
     """The default KM configuration's parameter share on full-size torchvision bases (224 px)."""
-    from device_runtime.km import ModulatorSpec
-    from km_edge.methods import MethodConfig, parameter_report
+    from km_edge.methods import parameter_report
     from km_edge.models import build_base
     from km_edge.train import build_task_model
 
@@ -238,7 +241,7 @@ def full_size_shares(config: dict) -> dict:
         n = base.num_params()
         entry = {"base_params": n}
         for key, train_bn in (("", config.get("train_bn", False)), ("modulators_only_", False)):
-            method = MethodConfig("km", ModulatorSpec(**config["modulator"]), train_bn=train_bn)
+            method = grid_method(config, train_bn=train_bn)
             report = parameter_report(build_task_model(build_base(arch), 1000, method, 0), n)
             entry[f"{key}trainable_params"] = report["trainable_params"]
             entry[f"{key}percent_of_base"] = report["percent_of_base"]
@@ -247,7 +250,7 @@ def full_size_shares(config: dict) -> dict:
 
 
 # --- aggregation, table, plot -------------------------------------------------------------------
-def summarise(runs: list[dict], grid: list[dict], cfg: dict) -> dict:
+def summarise(runs: list[dict]) -> dict:
     by_key: dict = {}
     for run in runs:
         if run["phase"] == "final":
@@ -432,7 +435,7 @@ def write_plot(path: Path, summary: dict) -> None:
 def resummarise(out: Path) -> int:
     """Recompute every derived number from the stored runs (e.g. after choosing another default)."""
     result = json.loads((out / "transfer.json").read_text())
-    summary = summarise(result["runs"], result["grid"], result["config"])
+    summary = summarise(result["runs"])
     costs = relative_costs(summary, result["memory"])
     default_config = next(c for c in result["grid"] if c["id"] == DEFAULT_KM_ID)
     shares = full_size_shares(default_config) if result["full_size_default_km"] else {}
@@ -511,7 +514,7 @@ def main(argv=None) -> int:
     for run in runs:
         if run.get("train_memory_bytes"):
             memory.setdefault(run["base_name"], {}).setdefault(run["config_id"], run["train_memory_bytes"])
-    summary = summarise(runs, grid, cfg)
+    summary = summarise(runs)
     costs = relative_costs(summary, memory)
     default_config = next(c for c in method_grid() if c["id"] == DEFAULT_KM_ID)
     shares = {} if args.quick else full_size_shares(default_config)

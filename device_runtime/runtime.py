@@ -106,10 +106,13 @@ class Runtime:
         """Everything ``load_pack`` checks (signature, key, format, base_id, shapes), nothing built."""
         path = Path(path)
         pack = read_pack(read_pack_file(path), self.trusted_keys, name=path.name)
+        self._check_against_base(path, pack)
+        return pack
+
+    def _check_against_base(self, path: Path, pack) -> None:
         self._check_base(path, pack)
         self._check_shapes(path, pack)
         self._check_preprocess(path, pack)
-        return pack
 
     def load_pack(self, path: str | os.PathLike) -> LoadedPack:
         """Verify, check and activate the pack at ``path``; raises a PackError subclass if refused."""
@@ -130,9 +133,7 @@ class Runtime:
             cached.timings_ms.pop("infer", None)
             return self._activate(cached)
 
-        self._check_base(path, pack)
-        self._check_shapes(path, pack)
-        self._check_preprocess(path, pack)
+        self._check_against_base(path, pack)
         self._check_version(path, pack)
         with _Stopwatch(timings, "rebuild"):
             kernels = km.rebuild_kernels(self.base.conv_kernels(), pack.layers)

@@ -40,7 +40,6 @@ def command(group, *args, **kwargs):
                 return func(*a, **kw)
             except KmEdgeError as exc:
                 _fail(str(exc), EXIT_BAD_INPUT, as_json)
-
             except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise
             except KeyboardInterrupt:

@@ -121,6 +121,11 @@ def parameter_report(model: TaskModel, base_params: int) -> dict:
     }
 
 
+def head_learning_rate(method: str, lr: float) -> float:
+    """The head trains at least at DEFAULT_HEAD_LR (it starts from scratch), except in full fine-tuning."""
+    return lr if method == "full" else max(lr, DEFAULT_HEAD_LR)
+
+
 def optimizer_groups(model: TaskModel, lr: float, head_lr: float) -> list[dict]:
     body = [p for p in model.backbone.parameters() if p.requires_grad]
     groups = [{"params": list(model.head.parameters()), "lr": head_lr}]

@@ -24,9 +24,9 @@ from device_runtime.km import ModulatorSpec
 
 from .data import check_images, load_task_splits, make_loader
 from .methods import (
-    DEFAULT_HEAD_LR,
     DEFAULT_LR,
     MethodConfig,
+    head_learning_rate,
     load_task_state,
     optimizer_groups,
     parameter_report,
@@ -194,7 +194,7 @@ def train_task(
     val_loader = make_loader(splits.val, spec, 256, False)
     untrained_accuracy, _ = evaluate(model.to(device), val_loader, device)
     lr = float(options["lr"] or DEFAULT_LR[config.method])
-    head_lr = float(options["head_lr"] or (lr if config.method == "full" else max(lr, DEFAULT_HEAD_LR)))
+    head_lr = float(options["head_lr"] or head_learning_rate(config.method, lr))
     result = fit(
         model, config, train_loader, val_loader,
         epochs=int(options["epochs"]), lr=lr, head_lr=head_lr,
