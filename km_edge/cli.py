@@ -18,6 +18,8 @@ import click
 
 from device_runtime.errors import ConfigError, KmEdgeError
 
+from .options import BASE, TRAIN
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
@@ -67,7 +69,28 @@ def _fail(message: str, code: int, as_json: bool) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """Usage errors (a bad flag value, a missing option) are refusals like any other: exit 2 and
+    one ``km-edge: error:`` line naming the flag and the way out, a JSON object with ``--json``."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        argv = sys.argv[1:] if args is None else list(args)
+        try:
+            result = super().main(argv, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            message = exc.format_message()
+            context = getattr(exc, "ctx", None)
+            if context is not None:
+                message += f" (see '{context.command_path} --help')"
+            _fail(message, exc.exit_code, "--json" in argv)
+        except click.exceptions.Abort:
+            _fail("aborted", 130, "--json" in argv)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="km-edge")
 def main() -> None:
     """Ship many image tasks to edge devices from one frozen ConvNet with Kernel Modulation packs."""
@@ -128,7 +151,7 @@ def with_options(options):
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @click.option("--arch", default="mobilenet_v2", show_default=True)
 @click.option("--weights", default="IMAGENET1K_V1", show_default=True)
-@click.option("--input-size", default=224, show_default=True, type=int)
+@click.option("--input-size", default=224, show_default=True, type=BASE["input_size"].click_type())
 @click.option("--force", is_flag=True, help="Overwrite an existing km-edge.toml.")
 def init_cmd(directory, arch, weights, input_size, force, as_json):
     """Scaffold km-edge.toml, data/, packs/ and keys/ (runs keygen)."""
@@ -168,8 +191,8 @@ def keygen_cmd(keys_dir, force, as_json):
 
 @command(main, "demo-data")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply images per class.")
+@click.option("--seed", default=0, show_default=True, type=TRAIN["seed"].click_type())
+@click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(0.01, 100.0), help="Multiply images per class.")
 def demo_data_cmd(directory, seed, scale, as_json):
     """Write the built-in offline demo tasks (ImageFolder): a source task and target tasks."""
     from .demodata import write_demo_data
@@ -184,13 +207,13 @@ def demo_data_cmd(directory, seed, scale, as_json):
 @click.option("--data", "data_dir", required=True, type=click.Path(), help="Source ImageFolder (train/, val/).")
 @click.option("--arch", default=None, help="Registry architecture [km-edge.toml or demo].")
 @click.option("--out", "out_path", default=None, type=click.Path(), help="Where to save [bases/ARCH.pth].")
-@click.option("--epochs", default=10, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--lr", default=3e-3, show_default=True, type=float)
-@click.option("--input-size", default=None, type=int)
-@click.option("--width", default=1.0, show_default=True, type=float, help="Channel width multiplier.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--epochs", default=10, show_default=True, type=TRAIN["epochs"].click_type())
+@click.option("--batch-size", default=64, show_default=True, type=TRAIN["batch_size"].click_type())
+@click.option("--lr", default=3e-3, show_default=True, type=TRAIN["lr"].click_type())
+@click.option("--input-size", default=None, type=BASE["input_size"].click_type())
+@click.option("--width", default=1.0, show_default=True, type=BASE["width"].click_type(), help="Channel width multiplier.")
+@click.option("--device", default="auto", show_default=True, type=TRAIN["device"].click_type())
+@click.option("--seed", default=0, show_default=True, type=TRAIN["seed"].click_type())
 def pretrain_cmd(data_dir, arch, out_path, epochs, batch_size, lr, input_size, width, device, seed, as_json):
     """Train a base from scratch on a source ImageFolder (the offline way to get a base)."""
     from .train import pretrain_base
@@ -207,7 +230,7 @@ def pretrain_cmd(data_dir, arch, out_path, epochs, batch_size, lr, input_size, w
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[km-edge.toml paths.base or base/]")
 @click.option("--arch", default=None)
 @click.option("--weights", default=None, help="torchvision weights name, local .pth or none.")
-@click.option("--input-size", default=None, type=int)
+@click.option("--input-size", default=None, type=BASE["input_size"].click_type())
 def export_base_cmd(out_dir, arch, weights, input_size, as_json):
     """Export the frozen base: base.onnx + base.weights + manifest.json; prints base_id."""
     from .export import export_base
@@ -228,22 +251,16 @@ def export_base_cmd(out_dir, arch, weights, input_size, as_json):
     _emit(report, as_json, f"exported {manifest['arch']} to {out_dir}\nbase_id {manifest['base_id']}")
 
 
-train_options = [
-    click.option("--method", type=click.Choice(["km", "head", "bn", "lora", "full"]), default=None),
-    click.option("--epochs", type=int, default=None),
-    click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps."),
-    click.option("--batch-size", type=int, default=None),
-    click.option("--lr", type=float, default=None, help="Learning rate of the adapters [per-method default]."),
-    click.option("--head-lr", type=float, default=None),
-    click.option("--device", type=click.Choice(["cpu", "cuda", "mps", "auto"]), default=None),
-    click.option("--seed", type=int, default=None),
-    click.option("--modulator", type=click.Choice(["kernel", "channel", "auto"]), default=None),
-    click.option("--kernel-hidden", type=int, default=None),
-    click.option("--channel-hidden", type=int, default=None),
-    click.option("--activation", type=click.Choice(["relu", "silu", "tanh", "gelu"]), default=None),
-    click.option("--train-bn/--no-train-bn", default=None, help="BatchNorm affine + statistics become task tensors."),
-    click.option("--lora-rank", type=int, default=None),
-]
+def _flag(name: str, setting) -> click.Option:
+    """A command-line flag for one schema setting (km_edge.options): same range, same choices."""
+    flag = "--" + name.replace("_", "-")
+    if setting.kind is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=setting.help)
+    return click.option(flag, name, type=setting.click_type(), default=None, help=setting.help or None)
+
+
+train_options = [_flag(name, setting) for name, setting in TRAIN.items()
+                 if name not in ("weight_decay", "workers")]
 
 
 def _train(task, overrides, as_json):
@@ -271,7 +288,7 @@ def train_cmd(task, as_json, **overrides):
 
 @command(main, "pack")
 @click.option("--task", required=True)
-@click.option("--version", "pack_version", type=int, default=None, help="Pack version [previous + 1, or 1].")
+@click.option("--version", "pack_version", type=click.IntRange(1, 2**53), default=None, help="Pack version [previous + 1, or 1].")
 @click.option("--dtype", "storage_dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="[packs/TASK.kmp]")
 @click.option("--retrain", is_flag=True, help="Train again even if a checkpoint exists.")
@@ -320,7 +337,7 @@ def _next_pack_version(path: Path, pubkey: Path) -> int:
 @with_options(device_options)
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, as_json):
     """Predict labels (top-k) for images on the device runtime."""
     runtime = _runtime(base_dir, pubkeys, backend, threads)
@@ -353,8 +370,8 @@ def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, as_js
 @click.argument("directory", type=click.Path())
 @with_options(device_options)
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--threads", default=None, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threads, as_json):
     """Accuracy of a pack on a labelled ImageFolder split, on the device runtime."""
     runtime = _runtime(base_dir, pubkeys, backend, threads)
@@ -415,7 +432,7 @@ def inspect_cmd(pack_path, pubkeys, as_json):
 @command(main, "demo")
 @click.option("--workdir", default="demo-work", show_default=True, type=click.Path(file_okay=False))
 @click.option("--tasks", default="letters,shapes,textures", show_default=True, help="Target tasks to pack.")
-@click.option("--epochs", default=None, type=int, help="Training epochs per task [demo default].")
+@click.option("--epochs", default=None, type=TRAIN["epochs"].click_type(), help="Training epochs per task [demo default].")
 def demo_cmd(workdir, tasks, epochs, as_json):
     """The whole flow on built-in demo data, offline, in minutes."""
     from .demo import run_demo
