@@ -20,7 +20,7 @@ import numpy as np
 from .errors import NonFiniteError, PackLimitError, ShapeMismatchError
 
 __all__ = [
-    "MAX_IMAGE_PIXELS", "MAX_SIDE", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_ELEMENTS",
+    "MAX_IMAGE_PIXELS", "MAX_SIDE", "MAX_ABS_MEAN", "STD_RANGE", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_ELEMENTS",
     "MAX_MODULATOR_PARAMS_RATIO", "MAX_HIDDEN_PER_INPUT", "MAX_REBUILD_WORK_RATIO",
     "check_rebuild_budget", "check_input_size", "check_finite_kernels", "check_finite_scores",
 ]
@@ -33,6 +33,10 @@ MAX_IMAGE_PIXELS = 50_000_000
 # --- preprocessing --------------------------------------------------------------------------
 # Largest ``resize`` and ``crop`` (pixels per side) a pack or a base manifest may ask for.
 MAX_SIDE = 4096
+# Normalisation: pixels are scaled to [0, 1] first, so a sane mean is near that and std not tiny
+# (normalised pixels stay within ~1e6, far from float32 overflow).
+MAX_ABS_MEAN = 1e3
+STD_RANGE = (1e-3, 1e3)
 
 # --- base manifest --------------------------------------------------------------------------
 MAX_MANIFEST_BYTES = 16 * 2**20       # manifest.json is read whole

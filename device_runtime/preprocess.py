@@ -22,11 +22,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageError
-from .limits import MAX_IMAGE_PIXELS, MAX_SIDE
+from .limits import MAX_ABS_MEAN, MAX_IMAGE_PIXELS, MAX_SIDE, STD_RANGE
 from .text import printable
 
 __all__ = ["load_image", "to_rgb", "preprocess", "preprocess_batch", "check_spec", "INTERPOLATIONS",
-           "source_box"]
+           "source_box", "neutral_batch"]
 
 # the one map from a spec's ``interpolation`` name to Pillow's resample filter
 INTERPOLATIONS = {
@@ -35,9 +35,6 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
 }
 DEFAULT_INTERPOLATION = "bilinear"
-# normalisation bounds: pixels are in [0, 1], so a sane mean is near that and std not tiny
-MAX_ABS_MEAN = 1e3
-STD_RANGE = (1e-3, 1e3)
 
 
 def _reason(exc: BaseException) -> str:
@@ -208,3 +205,9 @@ def preprocess_batch(images: Iterable[Image.Image], spec: Mapping) -> np.ndarray
         crop = _spec_values(spec)[1]
         return np.zeros((0, 3, crop, crop), dtype=np.float32)
     return np.stack(arrays)
+
+
+def neutral_batch(spec: Mapping) -> np.ndarray:
+    """One mid-grey image, preprocessed as ``spec`` says: the probe a new pack must score finitely."""
+    crop = _spec_values(spec)[1]
+    return preprocess(Image.new("RGB", (crop, crop), (128, 128, 128)), spec)[None]
