@@ -78,6 +78,8 @@ def check_rebuild_budget(name: str, layers, conv_shapes: Mapping[str, tuple[int,
     base_params = sum(math.prod(shape) for shape in conv_shapes.values())
     total_params = total_work = 0
     for layer in layers:
+        if layer["name"] not in conv_shapes:
+            raise ShapeMismatchError(f"{name}: layer {layer['name']!r} is not a conv layer of this base")
         params, hidden, d, kernel_elements = _layer_cost(layer, conv_shapes[layer["name"]])
         if hidden > MAX_HIDDEN_PER_INPUT * max(d, 1):
             raise PackLimitError(
