@@ -369,6 +369,10 @@ class Base:
             if _file_state(paths) != state:
                 raise BaseError(f"{base_dir}: base files changed while being verified; try again")
         input_hw = _graph_input_hw(graph_path, manifest["input_name"])
+        crop = manifest["preprocess"]["crop"]
+        if any(fixed is not None and fixed != crop for fixed in input_hw):
+            raise BaseError(f"{manifest_path}: preprocess crop {crop} differs from the graph's input "
+                            f"size {input_hw[0]} x {input_hw[1]}")
         if weights_size:
             # plain ndarray over the read-only mapping: views and results are ordinary arrays
             weights = np.asarray(np.memmap(weights_path, dtype=np.uint8, mode="r"))

@@ -287,3 +287,17 @@ def test_printed_labels_and_task_names_are_escaped_and_cut(base_dir, key_dir, si
     verify = subprocess.run([KM_EDGE, "verify", path, "--base", base_dir, "--pubkey",
                              key_dir / "signing.pub"], capture_output=True, text=True)
     assert verify.returncode == 0 and len(verify.stdout) < 1000 and "t" * 1000 not in verify.stdout
+
+
+def test_eval_text_output_lists_unreadable_images(base_dir, key_dir, signing_key, tmp_path):
+    runtime = Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+    path = make_pack(tmp_path / "p.kmp", runtime.base, signing_key)
+    folder = tmp_path / "val" / "ant"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (SIZE, SIZE), (1, 2, 3)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    result = subprocess.run([KM_EDGE, "eval", "--pack", path, tmp_path / "val", "--base", base_dir,
+                             "--pubkey", key_dir / "signing.pub"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "on 1 images" in result.stdout
+    assert "1 unreadable images skipped" in result.stdout and "broken.png" in result.stdout

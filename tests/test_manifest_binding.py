@@ -111,6 +111,8 @@ def _tensor(manifest, layer=0):
     (lambda m: m.update(input_name="pixels"), "no input named 'pixels'|do not match manifest base_id"),
     (lambda m: m.update(base_id=7), "base_id must be 64"),
     (lambda m: m["preprocess"].update(resize=10**6), "preprocess"),
+    (lambda m: m["preprocess"].update(resize=16, crop=16),
+     "differs from the graph's input size 8 x 8|do not match manifest base_id"),
     (lambda m: m["conv_layers"].append(dict(m["conv_layers"][0])), "unique"),
     (lambda m: _tensor(m).update(shape=[-6, -3, 3, 3], length=4 * 162), "non-negative ints"),
     (lambda m: _tensor(m).update(length=-4), "non-negative int offset and length"),
