@@ -30,7 +30,7 @@ from device_runtime.errors import (
 )
 from device_runtime.runtime import Runtime
 
-from test_device_runtime import FEATURES, PREPROCESS, SIZE, export, make_pack, random_modulators
+from test_device_runtime import PREPROCESS, SIZE, export, make_pack, random_modulators
 
 KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
 
@@ -63,24 +63,19 @@ def modulators(runtime, hidden: int, seed: int = 2) -> list[dict]:
     return random_modulators(runtime.base, seed=seed, hidden=hidden)
 
 
-def refused(runtime, path: Path, error=PackError) -> str:
+def refused(runtime, signing_key, path: Path, error=PackError) -> str:
     """Load ``path`` on a runtime with a good pack active; assert the refusal contract."""
     good = runtime.load_pack(make_pack(path.with_name("good.kmp"), runtime.base,
-                                       runtime._signing_key, task="good"))
-    cached = dict(runtime._cache)
+                                       signing_key, task="good"))
     with pytest.raises(error) as caught:
         runtime.load_pack(path)
     message = str(caught.value)
     assert isinstance(caught.value, PackError) and "\n" not in message and path.name in message
-    assert runtime.active is good and dict(runtime._cache) == cached  # nothing of it is used
+    assert runtime.active is good  # nothing of it is used
     with pytest.raises(PackError):
-        runtime.load_pack(path)  # refused again: never cached
+        runtime.load_pack(path)  # refused again: nothing of it was kept
+    assert runtime.load_pack(good.path).pack.task == "good"
     return message
-
-
-@pytest.fixture(autouse=True)
-def _attach_key(runtime, signing_key):
-    runtime._signing_key = signing_key
 
 
 # --- sizes and work relative to the base -----------------------------------------------------
@@ -88,7 +83,7 @@ def test_modulator_bigger_than_the_base_is_refused_before_rebuilding(runtime, si
     # hidden 30 on every layer: ~1,700 numbers for a base of 276 conv parameters
     path = make_pack(tmp_path / "wide.kmp", runtime.base, signing_key,
                      layers=modulators(runtime, hidden=30))
-    message = refused(runtime, path, PackLimitError)
+    message = refused(runtime, signing_key, path, PackLimitError)
     assert "conv parameters" in message
     with pytest.raises(PackLimitError):
         runtime.check_pack(path)  # `verify` refuses it too, nothing rebuilt
@@ -101,7 +96,7 @@ def test_hidden_size_is_bounded_per_input_length(runtime, signing_key, tmp_path)
     layers[2]["tensors"] = {n: rng.normal(0, 0.1, s).astype(np.float32)
                             for n, s in km.modulator_shapes(6, 97).items()}
     path = make_pack(tmp_path / "deep.kmp", runtime.base, signing_key, layers=layers)
-    assert "hidden size 97" in refused(runtime, path, PackLimitError)
+    assert "hidden size 97" in refused(runtime, signing_key, path, PackLimitError)
 
 
 def test_rebuild_work_is_bounded_relative_to_the_base():
@@ -130,7 +125,7 @@ def test_modulators_that_overflow_the_rebuild_are_refused(runtime, signing_key, 
     for name in ("w1", "w2"):
         layers[0]["tensors"][name] = np.full_like(layers[0]["tensors"][name], 1e20)
     path = make_pack(tmp_path / "overflow.kmp", runtime.base, signing_key, layers=layers)
-    assert "rebuilt kernel of layer 'features.0'" in refused(runtime, path, NonFiniteError)
+    assert "rebuilt kernel of layer 'features.0'" in refused(runtime, signing_key, path, NonFiniteError)
 
 
 def test_head_that_overflows_the_scores_is_refused(runtime, signing_key, tmp_path):
@@ -143,7 +138,7 @@ def test_head_that_overflows_the_scores_is_refused(runtime, signing_key, tmp_pat
     body["head"]["weight"] = np.full_like(body["head"]["weight"], 3e38)
     body["head"]["bias"] = np.full_like(body["head"]["bias"], 3e38)
     path.write_bytes(packformat.build_pack(body, signing_key))
-    assert "not finite" in refused(runtime, path, NonFiniteError)
+    assert "not finite" in refused(runtime, signing_key, path, NonFiniteError)
 
 
 def test_scores_that_overflow_on_one_request_are_refused(runtime, signing_key, tmp_path):
@@ -199,7 +194,7 @@ def test_signed_values_that_give_nan_are_refused(runtime, signing_key, tmp_path,
             path = make_pack(tmp_path / "nan.kmp", runtime.base, signing_key, layers=layers, bn=bn)
         except ValueError:
             pytest.skip(f"the writer itself refuses {case}")
-    refused(runtime, path)
+    refused(runtime, signing_key, path)
 
 
 # --- preprocessing against the base ---------------------------------------------------------
@@ -216,7 +211,7 @@ def test_unusable_preprocessing_is_refused_by_verify(runtime, signing_key, tmp_p
     with pytest.raises(PackError) as caught:
         runtime.check_pack(path)
     assert "\n" not in str(caught.value)
-    refused(runtime, path)
+    refused(runtime, signing_key, path)
 
 
 def test_crop_that_does_not_fit_the_graph_is_refused_by_verify(runtime, signing_key, tmp_path):
@@ -224,7 +219,7 @@ def test_crop_that_does_not_fit_the_graph_is_refused_by_verify(runtime, signing_
                      preprocess={**PREPROCESS, "resize": 2 * SIZE, "crop": 2 * SIZE})
     with pytest.raises(ShapeMismatchError, match=f"crops {2 * SIZE} x {2 * SIZE} pixels"):
         runtime.check_pack(path)
-    refused(runtime, path, ShapeMismatchError)
+    refused(runtime, signing_key, path, ShapeMismatchError)
 
 
 # --- the CLI edge -----------------------------------------------------------------------------
