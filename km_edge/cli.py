@@ -16,7 +16,8 @@ from pathlib import Path
 
 import click
 
-from device_runtime.errors import ConfigError, KmEdgeError
+from device_runtime.errors import ConfigError, KmEdgeError, NonFiniteError
+from device_runtime.text import MESSAGE_LIMIT, printable
 
 from .options import BASE, TRAIN
 
@@ -26,7 +27,11 @@ EXIT_INTERNAL = 1
 
 def _emit(data, as_json: bool, text: str | None = None) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        try:  # NaN/Infinity are not JSON: refuse rather than print invalid output
+            click.echo(json.dumps(data, indent=2, default=str, allow_nan=False))
+        except ValueError:
+            raise NonFiniteError("the result holds numbers that are not finite (NaN or infinity); "
+                                 "refused") from None
     elif text is not None:
         click.echo(text)
 
@@ -62,7 +67,8 @@ def command(group, *args, **kwargs):
 
 
 def _fail(message: str, code: int, as_json: bool) -> None:
-    message = " ".join(str(message).split())  # always one line
+    # always one line, control characters and ANSI escapes escaped, long names cut
+    message = printable(" ".join(str(message).split()), MESSAGE_LIMIT)
     if as_json:
         click.echo(json.dumps({"error": message, "exit_code": code}))
     click.echo(f"km-edge: error: {message}", err=True)
@@ -353,14 +359,14 @@ def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, as_js
     lines = []
     for item in predictions:
         if "error" in item:
-            lines.append(f"{item['image']}: error: {item['error']}")
+            lines.append(f"{printable(item['image'])}: error: {printable(item['error'], MESSAGE_LIMIT)}")
         else:
-            best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in item["top"])
-            lines.append(f"{item['image']}: {best}")
+            best = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in item["top"])
+            lines.append(f"{printable(item['image'])}: {best}")
     _emit(report, as_json, "\n".join(lines))
     failed = [item for item in predictions if "error" in item]
     for item in failed:
-        click.echo(f"km-edge: error: {item['error']}", err=True)
+        click.echo(f"km-edge: error: {printable(item['error'], MESSAGE_LIMIT)}", err=True)
     if failed:
         sys.exit(EXIT_BAD_INPUT)
 
@@ -379,7 +385,11 @@ def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threa
     result = runtime.evaluate(directory, batch_size=batch_size, progress=not as_json)
     result["timings_ms"] = {k: round(v, 3) for k, v in loaded.timings_ms.items()}
     result["pack"] = {"task": loaded.pack.task, "version": loaded.pack.pack_version}
-    _emit(result, as_json, f"{loaded.pack.task}: accuracy {result['accuracy']:.4f} on {result['n_images']} images")
+    lines = [f"{printable(loaded.pack.task)}: accuracy {result['accuracy']:.4f} on {result['n_images']} images"]
+    if result["errors"]:  # skipped images are listed, not hidden
+        lines.append(f"{len(result['errors'])} unreadable images skipped (not counted):")
+        lines += [f"  {printable(item['error'], MESSAGE_LIMIT)}" for item in result["errors"]]
+    _emit(result, as_json, "\n".join(lines))
 
 
 @command(main, "verify")
@@ -398,7 +408,7 @@ def verify_cmd(pack_path, base_dir, pubkeys, as_json):
         pack, checked_base = read_pack(pack_path, load_trusted_keys(_default_pubkeys(pubkeys))), False
     report = {"pack": str(pack_path), "ok": True, "task": pack.task, "version": pack.pack_version,
               "key_id": pack.key_id, "base_id": pack.base_id, "base_checked": checked_base}
-    _emit(report, as_json, f"{pack_path}: OK (task {pack.task}, v{pack.pack_version}, key {pack.key_id}"
+    _emit(report, as_json, f"{printable(pack_path)}: OK (task {printable(pack.task)}, v{pack.pack_version}, key {pack.key_id}"
           + (", matches base)" if checked_base else "; base not checked: no base dir)"))
 
 
@@ -420,12 +430,12 @@ def inspect_cmd(pack_path, pubkeys, as_json):
             click.echo(f"layers: {len(value)}")
             for layer in value:
                 tensors = ", ".join(f"{n}{tuple(t['shape'])}" for n, t in layer["tensors"].items())
-                click.echo(f"  {layer['name']}: {layer['adapter']} {layer.get('kind', '')} "
+                click.echo(f"  {printable(layer['name'])}: {layer['adapter']} {layer.get('kind', '')} "
                            f"{layer.get('activation', '')} scale={layer.get('scale', 0):.4g} {tensors}")
         elif key == "bn":
             click.echo(f"bn overrides: {len(value)}")
         else:
-            click.echo(f"{key}: {json.dumps(value, default=str)}")
+            click.echo(f"{key}: {printable(json.dumps(value, default=str), MESSAGE_LIMIT)}")
 
 
 # --- the whole flow --------------------------------------------------------------------------------

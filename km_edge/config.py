@@ -12,6 +12,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from device_runtime.errors import ConfigError
+from device_runtime.text import check_task_name
 
 from .options import BASE, PATH_DEFAULTS, PATHS, TASK, TRAIN, TRAIN_DEFAULTS, check_table
 
@@ -63,7 +64,15 @@ class Settings:
         return str(candidate) if candidate.suffix in (".pth", ".pt") or candidate.exists() else weights
 
     def task(self, name: str) -> dict:
-        """A task's settings; tasks not in the config are found under the data folder."""
+        """A task's settings; tasks not in the config are found under the data folder.
+
+        The name becomes ``packs/NAME.kmp`` and ``checkpoints/NAME.pt``, so it must be a safe name
+        (``device_runtime.text.check_task_name``): ``../x``, ``/etc`` or ``a/../a`` are refused.
+        """
+        try:
+            check_task_name(name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if name in self.tasks:
             task = dict(self.tasks[name])
             task["data"] = str(self.root / task.get("data", f"{self.paths.get('data', 'data')}/{name}"))
