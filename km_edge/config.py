@@ -110,6 +110,11 @@ def load_settings(root: str | Path = ".") -> Settings:
     tasks = data.get("tasks", {})
     if not isinstance(tasks, dict):
         raise ConfigError(f"{path} [tasks] must be a table of [tasks.NAME] tables")
+    for name in tasks:
+        try:
+            check_task_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"{path} [tasks]: {exc}") from None
     return Settings(
         root=root,
         base=check_table(data.get("base", {}), BASE, f"{path} [base]"),
