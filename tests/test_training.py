@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -31,10 +32,12 @@ REPORT_KEYS = {"task", "method", "val_accuracy", "trainable_params", "head_param
 TASK = "letters"
 NUM_CLASSES = 8  # A C E H K M R X
 CHANCE = 1 / NUM_CLASSES
-# What KM must gain over the untrained head (and over chance) on letters, in val accuracy. On the
-# session's demo base (conftest) KM reaches about 0.58 on letters against 0.125 chance; the margin
-# leaves room for platform-to-platform noise.
-KM_MARGIN = 0.3
+# What KM must gain on letters' 120 val images, in whole images. Measured (scratch script training
+# the session's project with seeds 0, 1, 2 at 1 and 2 torch threads, pretraining included): KM
+# reached 59-70 images right (0.49-0.58) while the untrained head got 4-24 (0.03-0.20), chance 15.
+# Bounds below keep 14+ images of room on the worst of those runs.
+KM_GAIN_OVER_UNTRAINED = 0.20
+KM_GAIN_OVER_CHANCE = 0.25
 BASELINE_EPOCHS = 2
 MODULATOR_TENSORS = ("w1", "b1", "w2", "b2", "scale")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -186,8 +189,10 @@ def test_km_train_report_of_pack(letters_pack, demo_project):
 def test_km_learns_beyond_untrained_head_and_chance(letters_pack):
     report = letters_pack.train_report
     untrained = report["untrained_val_accuracy"]
-    assert report["val_accuracy"] >= untrained + KM_MARGIN, (report["val_accuracy"], untrained)
-    assert report["val_accuracy"] >= CHANCE + KM_MARGIN, report["val_accuracy"]
+    n = report["n_val"]
+    correct, untrained_correct = round(report["val_accuracy"] * n), round(untrained * n)
+    assert correct >= untrained_correct + math.ceil(KM_GAIN_OVER_UNTRAINED * n), (correct, untrained_correct, n)
+    assert correct >= math.ceil((CHANCE + KM_GAIN_OVER_CHANCE) * n), (correct, n)
 
 
 @pytest.mark.slow
