@@ -139,6 +139,7 @@ def environment() -> dict:
 
     import device_runtime
     import km_edge
+    import km_edge.cli  # noqa: F401  (counted with the imports)
 
     return {
         "machine": platform.machine(),
@@ -159,6 +160,13 @@ def main() -> None:
     started = time.monotonic()
     images = sorted(str(p) for p in Path(VAL).rglob("*.png"))
     result: dict = {"environment": environment(), "cli": {}, "refusals": {}, "tampered_sha256": {}}
+    sections = {"imports": time.monotonic() - started}
+    mark = time.monotonic()
+
+    def section(name: str) -> None:
+        nonlocal mark
+        sections[name] = time.monotonic() - mark
+        mark = time.monotonic()
 
     # what a user runs on a good pack
     result["cli"]["verify"] = cli("verify", GOOD, "--json")
@@ -169,6 +177,7 @@ def main() -> None:
                                "--top-k", "3", "--json")
     result["cli"]["eval"] = cli("eval", "--pack", GOOD, VAL, "--json")
     result["cli"]["eval-fp16"] = cli("eval", "--pack", GOOD_FP16, VAL, "--json")
+    section("good packs")
 
     # every refusal, through run and verify, plus the API's error class
     tampered = tamper(Path(GOOD), Path("tampered"))
@@ -181,11 +190,14 @@ def main() -> None:
             "verify-json": cli("verify", pack, *extra, "--json"),
             "class": refusal_class(pack, extra),
         }
+    section("refusals")
 
     # logits of every val image through the Runtime API
     result["images"] = images
     result["logits"] = {"fp32": logits_of(GOOD, images), "fp16": logits_of(GOOD_FP16, images)}
+    section("logits")
     result["seconds"] = round(time.monotonic() - started, 1)
+    result["sections_s"] = {name: round(value, 1) for name, value in sections.items()}
     result_path.write_text(json.dumps(result, indent=1))
 
 

@@ -12,7 +12,8 @@
 # every network step is under a timeout, so nothing hangs.
 #
 # Environment: ARM64_CACHE (default REPO/.arm64), HOST_PYTHON (python with pip; default python3),
-# ARM64_DEBIAN_MIRROR, ARM64_DEBIAN_SECURITY (default deb.debian.org).
+# ARM64_DEBIAN_MIRROR, ARM64_DEBIAN_SECURITY (default deb.debian.org), ARM64_QEMU (the qemu-user
+# binary, default qemu-aarch64-static).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -31,8 +32,9 @@ PLATFORMS=(--platform manylinux2014_aarch64)
 for minor in $(seq 17 36); do PLATFORMS+=(--platform "manylinux_2_${minor}_aarch64"); done
 WHEEL_FLAGS=(--only-binary=:all: "${PLATFORMS[@]}" --python-version "$PYVER" --implementation cp
              --abi cp311 --abi abi3 --abi none)
-PIP_NET=(--timeout 30 --retries 2 --disable-pip-version-check)
+PIP_NET=(--timeout 20 --retries 1 --disable-pip-version-check)
 SYSROOT=$CACHE/sysroot
+QEMU=${ARM64_QEMU:-qemu-aarch64-static}
 export QEMU_CPU=cortex-a72           # qemu's default CPU model makes onnxruntime ~15x slower
 
 fail() { echo "test-arm64: $*" >&2; exit 1; }
@@ -41,18 +43,22 @@ fail() { echo "test-arm64: $*" >&2; exit 1; }
 step() {
     local name=$1 log=$CACHE/logs/$2.log limit=$3 rc=0
     shift 3
+    echo "test-arm64: $name"
     timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1 || rc=$?
     if [ "$rc" -ne 0 ]; then
         local why
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then why="no answer within ${limit} s (network down?)"
-        else why=$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-200); fi
+        else  # the first error line names the cause best (apt: "E: Failed to fetch ..."), else the last line
+            why=$(grep -m 1 -E '^(E|ERROR): ' "$log" || grep -v '^\s*$' "$log" | tail -n 1)
+            why=$(printf '%s' "$why" | tr -s ' \t' ' ' | cut -c1-240)
+        fi
         fail "$name failed: $why (full log: $log)"
     fi
 }
 
 # --- qemu and dpkg-deb --------------------------------------------------------------------------------
 command -v dpkg-deb >/dev/null || fail "dpkg-deb not found: the arm64 stage needs a Debian or Ubuntu host"
-if ! command -v qemu-aarch64-static >/dev/null; then
+if ! command -v "$QEMU" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
         if ! timeout 300 apt-get install -y -q qemu-user-static >"$CACHE/logs/qemu.log" 2>&1; then
@@ -61,14 +67,14 @@ if ! command -v qemu-aarch64-static >/dev/null; then
             step "apt-get install qemu-user-static" qemu 300 apt-get install -y -q qemu-user-static
         fi
     else
-        fail "qemu-aarch64-static not found: install qemu-user-static (as root: apt-get install qemu-user-static)"
+        fail "$QEMU not found: install qemu-user-static (as root: apt-get install qemu-user-static)"
     fi
 fi
-command -v qemu-aarch64-static >/dev/null || fail "qemu-aarch64-static still missing after installing qemu-user-static"
+command -v "$QEMU" >/dev/null || fail "$QEMU still missing after installing qemu-user-static"
 "$PY" -m pip --version >/dev/null 2>&1 || fail "$PY has no pip (set HOST_PYTHON to a Python with pip)"
 HOST_PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-emulated() { timeout --kill-after=10 "${EMULATED_TIMEOUT:-300}" qemu-aarch64-static -L "$SYSROOT" "$SYSROOT/usr/bin/python$PYVER" "$@"; }
+emulated() { timeout --kill-after=10 "${EMULATED_TIMEOUT:-300}" "$QEMU" -L "$SYSROOT" "$SYSROOT/usr/bin/python$PYVER" "$@"; }
 
 # precompile bytecode (halves the emulated import time); the host's CPython makes the same .pyc
 # when it is 3.11, else the emulated Python does it (slower, once)
@@ -106,12 +112,12 @@ Dir::Etc::Parts "$APT/parts";
 Dir::Etc::PreferencesParts "$APT/parts";
 Dir::Etc::Preferences "$APT/parts/none";
 Acquire::Languages "none";
-Acquire::http::Timeout "20";
-Acquire::https::Timeout "20";
+Acquire::http::Timeout "15";
+Acquire::https::Timeout "15";
 Acquire::Retries "1";
 EOF
     export APT_CONFIG=$APT/apt.conf
-    step "apt-get update (arm64 $SUITE from $MIRROR)" apt-update 240 apt-get update -q
+    step "apt-get update (arm64 $SUITE from $MIRROR)" apt-update 150 apt-get update -q --error-on=any
     step "downloading arm64 $DEBS" apt-download 600 apt-get install -q -y --download-only $DEBS
     unset APT_CONFIG
     rm -rf "$SYSROOT.partial"
@@ -127,9 +133,10 @@ EOF
     rm -rf "$SYSROOT"
     mv "$SYSROOT.partial" "$SYSROOT"
     machine=$(emulated -c 'import platform; print(platform.machine())' 2>&1 | tail -n 1) || true
-    [ "$machine" = aarch64 ] || fail "the emulated Python does not start (got: ${machine:-nothing}); see qemu-aarch64-static -L $SYSROOT"
+    [ "$machine" = aarch64 ] || fail "the emulated Python does not start (got: ${machine:-nothing}); see $QEMU -L $SYSROOT"
     precompile "$SYSROOT/usr/lib/python$PYVER"
     echo "$sysroot_key" >"$SYSROOT/.complete"
+    rm -rf "$APT"  # package lists and .debs: ~130 MB only needed to build the sysroot again
 fi
 
 # --- the plain install: km-edge wheel of this checkout + its dependencies as aarch64 wheels ----------
@@ -154,6 +161,19 @@ deps=$("$PY" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")
     "$REPO/pyproject.toml" 2>/dev/null) || deps=$(cat "$REPO/pyproject.toml")
 site_key=$(printf '%s\n%s\n%s\n' "$deps" "$(cat "$CACHE/constraints.txt")" "${WHEEL_FLAGS[*]}" | sha256sum | cut -c1-16)
 if [ ! -f "$CACHE/site/.complete" ] || [ "$(cat "$CACHE/site/.complete")" != "$site_key" ]; then
+    # pip reports an unreachable index as a dependency conflict; say what it is instead
+    index=${PIP_INDEX_URL:-$("$PY" -m pip config get global.index-url 2>/dev/null || true)}
+    index=${index:-https://pypi.org/simple}
+    unreachable=$("$PY" - "$index" 2>&1 <<'EOF'
+import os, ssl, sys, urllib.request
+url = sys.argv[1].rstrip("/") + "/numpy/"
+context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+try:
+    urllib.request.urlopen(url, timeout=20, context=context).read(1)
+except Exception as exc:
+    sys.exit(f"cannot reach the package index ({url}: {exc})")
+EOF
+) || fail "${unreachable:-cannot reach the package index $index}"
     step "downloading the aarch64 wheels of the device install from PyPI" pip-download 600 \
         "$PY" -m pip download "${WHEEL_FLAGS[@]}" "${PIP_NET[@]}" -c "$CACHE/constraints.txt" \
         -d "$CACHE/wheels" "$WHEEL"
@@ -167,6 +187,7 @@ if [ ! -f "$CACHE/site/.complete" ] || [ "$(cat "$CACHE/site/.complete")" != "$s
     rm -rf "$CACHE/site"
     mv "$CACHE/site.partial" "$CACHE/site"
     echo "$site_key" >"$CACHE/site/.complete"
+    rm -rf "$CACHE/wheels"
 fi
 rm -rf "$CACHE/pkg"
 step "installing the km-edge wheel for arm64" pkg-install 120 "$PY" -m pip install --no-index --no-deps \

@@ -7,7 +7,7 @@
 #   4. compare.py: every promise on each side, and arm64 = x86 (logits within 1e-4, identical
 #      refusals of packs tampered on arm64), after checking itself on deliberately broken results.
 # Environment: HOST_PYTHON (the project's venv python, with torch), ARM64_CACHE (default .arm64),
-# ARM64_TIMEOUT (seconds for the emulated run, default 1200).
+# ARM64_TIMEOUT (seconds for the emulated run, default 1200); setup.sh documents the rest.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -60,7 +60,7 @@ rc=0
 env -i PATH=/usr/bin:/bin LANG=C.UTF-8 HOME="$RUN/home-arm64" XDG_STATE_HOME="$RUN/home-arm64/state" \
     QEMU_CPU=cortex-a72 PYTHONPATH="$CACHE/pkg:$CACHE/site" \
     timeout --kill-after=10 "${ARM64_TIMEOUT:-1200}" \
-    qemu-aarch64-static -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" -s \
+    "${ARM64_QEMU:-qemu-aarch64-static}" -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" -s \
     "$TOOLS/device_check.py" "$RUN/arm64" "$RUN/arm64.json" || rc=$?
 if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     fail "the emulated arm64 device checks did not finish within ${ARM64_TIMEOUT:-1200} s"
