@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench-transfer bench-transfer-quick clean
+.PHONY: demo test test-fast test-arm64 bench-transfer bench-transfer-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The device side on linux/arm64 under qemu-user, against x86 (tools/arm64/test.sh); the arm64
+# userland is cached in ARM64_CACHE (git-ignored).
+ARM64_CACHE ?= .arm64
+test-arm64: $(STAMP)
+	HOST_PYTHON=$(BIN)/python ARM64_CACHE=$(ARM64_CACHE) bash tools/arm64/test.sh
 
 bench-transfer: $(STAMP)
 	$(BIN)/python benchmarks/transfer.py
