@@ -35,19 +35,33 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path, *, max_pixels: int | None = None, label: str | None = None) -> Image.Image:
     """Open, fully decode, apply the EXIF orientation and convert to RGB.
 
+    ``path`` is a file name or a binary file object (``label`` then names it in messages).
+    ``max_pixels`` refuses an image by its header's width x height before a pixel is decoded (the
+    decompression-bomb guard for untrusted uploads); without it Pillow's own limit applies.
     Raises :class:`ImageError` ("FILE: cannot read image (reason)") for a missing, truncated,
-    corrupt or non-image file; decoding happens here, so later steps never meet a bad file.
+    corrupt, non-image or too large file; decoding happens here, so later steps never meet a bad file.
     """
+    label = label or str(path)
     try:
         with Image.open(path) as opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise _TooLarge(f"{width}x{height} pixels, more than the limit of {max_pixels}")
             opened.load()
             upright = ImageOps.exif_transpose(opened)
             return upright.convert("RGB")
     except Exception as exc:  # Pillow raises many types for corrupt data; all are bad input
-        raise ImageError(f"{path}: cannot read image ({_reason(exc)})") from None
+        reason = _reason(exc)
+        if not isinstance(path, (str, os.PathLike)):  # Pillow names a file object by its repr
+            reason = reason.replace(repr(path), repr(label))
+        raise ImageError(f"{label}: cannot read image ({reason})") from None
+
+
+class _TooLarge(Exception):
+    """An image whose header asks for more pixels than allowed (reported as an ImageError)."""
 
 
 def _spec_values(spec: dict) -> tuple[int, int, np.ndarray, np.ndarray, int]:
