@@ -300,7 +300,7 @@ async def _read_images(request: Request, options: ServeOptions) -> list[tuple[st
 
         try:
             form = await Request(request.scope, replay).form(
-                max_files=options.max_images, max_fields=options.max_images + 8)
+                max_files=options.max_images + 1, max_fields=options.max_images + 8)
         except HTTPException as exc:  # python-multipart's refusal, as Starlette reports it
             raise ApiError(400, f"bad multipart body: {exc.detail}", reason="bad_multipart") from None
         try:

@@ -8,18 +8,23 @@ packs are only ever replaced by atomic renames, so a stop at any moment leaves n
 
 from __future__ import annotations
 
+import signal
 import socket
 
 __all__ = ["bind", "run"]
 
+BACKLOG = 2048  # uvicorn's default
+
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket on ``host:port`` (port 0 picks a free one)."""
+    """A listening TCP socket on ``host:port`` (port 0 picks a free one): connections made before
+    uvicorn starts accepting wait in the backlog instead of being refused."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -36,5 +41,14 @@ def run(app, sock: socket.socket, *, log_level: str = "info", access_log: bool =
                             lifespan="on", timeout_graceful_shutdown=shutdown_timeout_s,
                             limit_concurrency=limit_concurrency, server_header=False)
     server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    # uvicorn re-raises the stopping signal once it has shut down; with these handlers in place (it
+    # restores them first) that lands here and a graceful stop exits 0 rather than "killed by 15"
+    stopped_by: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: stopped_by.append(number))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return bool(server.started)
