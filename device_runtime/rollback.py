@@ -57,9 +57,11 @@ class RollbackState:
 
     # --- reading ----------------------------------------------------------------------------
     def highest(self) -> dict[str, dict[str, int]]:
-        """{task: {key_id: highest accepted pack_version}}; empty when the file does not exist yet."""
-        with self._locked(exclusive=False):
-            return self._read()
+        """{task: {key_id: highest accepted pack_version}}; empty when the file does not exist yet.
+
+        No lock needed: writers replace the file by an atomic rename, so a reader sees the old or
+        the new document, never half of one (and reading creates nothing)."""
+        return self._read()
 
     def recorded(self, task: str, key_id: str) -> int | None:
         return self.highest().get(task, {}).get(key_id)
@@ -79,8 +81,8 @@ class RollbackState:
     def record(self, pack) -> bool:
         """Raise the record for the pack's task and key to its version; True if the file changed."""
         task, signer, version = pack.task, pack.key_id, int(pack.pack_version)
-        with self._locked(exclusive=True):
-            highest = self._read()
+        with self._locked():
+            highest = self._read()  # under the lock: a record made meanwhile by another process counts
             if highest.get(task, {}).get(signer, 0) >= version:
                 return False
             highest.setdefault(task, {})[signer] = version
@@ -89,7 +91,8 @@ class RollbackState:
 
     # --- the file ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _locked(self, exclusive: bool):
+    def _locked(self):
+        """Exclusive lock (a lock file beside the state) around a read-modify-write."""
         if fcntl is None:
             yield
             return
@@ -99,7 +102,7 @@ class RollbackState:
         except OSError as exc:
             raise StateError(self._cannot("lock", exc)) from None
         with handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:

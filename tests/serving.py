@@ -138,11 +138,16 @@ class Served:
         return self.process.wait(timeout=timeout_s)
 
 
+# `km-edge` with torch made unimportable: proves serve runs on a device install (no torch)
+WITHOUT_TORCH = [sys.executable, "-c", "import sys; sys.modules.update(torch=None, torchvision=None); "
+                 "sys.argv[0] = 'km-edge'; from km_edge.cli import main; main()"]
+
+
 def start_server(device: Device, *args, token: str | None = None, state: Path | None = None,
-                 log_name: str = "serve.log") -> Served:
+                 log_name: str = "serve.log", launcher=(KM_EDGE,)) -> Served:
     """`km-edge serve` on 127.0.0.1 and a free port; returns once it printed its address."""
     log_path = device.root / log_name
-    command = [KM_EDGE, "serve", "--base", device.base_dir, "--pubkey", device.pubkey, "--packs", device.packs,
+    command = [*launcher, "serve", "--base", device.base_dir, "--pubkey", device.pubkey, "--packs", device.packs,
                "--state", state or device.state, "--port", "0", "--threads", "1", "--poll-interval", "0.1",
                "--json", *args]
     with open(log_path, "w") as log:  # a file, not a pipe: a chatty server must never block on it

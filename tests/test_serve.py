@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serving import Device, SlowBody, start_server
+from serving import WITHOUT_TORCH, Device, SlowBody, start_server
 
 from device_runtime.keys import generate_keypair, load_private_key, load_trusted_keys
 from device_runtime.rollback import RollbackState
@@ -356,6 +356,15 @@ def test_sigterm_lets_the_request_in_flight_finish(device):
     assert result["response"].status_code == 200
     assert result["response"].json()["pack_version"] == 1
     assert served.process.wait(30) == 0
+
+
+def test_serve_runs_where_torch_cannot_be_imported(device):
+    device.drop("birds.kmp", device.pack_bytes("birds", 1))
+    served = start_server(device, launcher=WITHOUT_TORCH)
+    try:
+        assert served.predict("birds", device.image_bytes()).json()["pack_version"] == 1
+    finally:
+        assert served.stop() == 0
 
 
 def test_cli_startup_does_not_import_the_server_stack():
