@@ -168,3 +168,31 @@ def test_an_unwritable_state_file_is_a_clear_error(device, tmp_path):
         assert isinstance(caught.value, KmEdgeError) and "--state" in str(caught.value)
     finally:
         folder.chmod(0o700)
+
+
+def test_operator_rolls_back_by_signing_the_old_content_as_a_new_version(device, tmp_path):
+    """The README's procedure: the old pack's content, signed again with a higher version."""
+    from device_runtime.keys import load_private_key
+    from device_runtime.packformat import build_pack, write_pack
+
+    state_path = tmp_path / "rollback.json"
+    trusted = load_trusted_keys([device.pubkey])
+    v1 = device.drop("op-v1.kmp", device.pack_bytes("op", 1, seed=11))
+    v2 = device.drop("op-v2.kmp", device.pack_bytes("op", 2, seed=22))
+    Runtime(device.base_dir, trusted, rollback=RollbackState(state_path)).load_pack(v2)
+
+    old = read_pack(v1, trusted)
+    body = {field: getattr(old, field) for field in ("task", "base_id", "labels", "preprocess", "method",
+                                                     "modulator", "layers", "head", "bn", "metrics", "trainer")}
+    body["pack_version"] = 3
+    v3 = tmp_path / "op-v3.kmp"
+    write_pack(v3, build_pack(body, load_private_key(device.root / "keys" / "signing.key"),
+                              storage_dtype=old.storage_dtype))
+
+    images = [device.images / "img0.png", device.images / "img1.png"]
+    rolled_back = Runtime(device.base_dir, trusted, rollback=RollbackState(state_path))
+    assert rolled_back.load_pack(v3).pack.pack_version == 3
+    plain = Runtime(device.base_dir, trusted)
+    plain.load_pack(v1)
+    assert rolled_back.predict(images) == [dict(p) for p in plain.predict(images)]  # v1's model again
+    assert RollbackState(state_path).recorded("op", old.key_id) == 3
