@@ -132,24 +132,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def measure_serve(root: Path, name: str, tasks: tuple, cache_size: int, args, requests: int) -> dict:
-    process, url = start_server(root, cache_size, args.server_cpus)
+def measure_serve(root: Path, configs: list[tuple[str, tuple, int, int]], args) -> list[dict]:
+    """All configurations' servers run side by side (idle unless driven) and their rounds alternate,
+    so a change in the machine's load hits every configuration alike."""
     image = (root / "image.jpg").read_bytes()
+    servers = [start_server(root, cache_size, args.server_cpus) for _, _, cache_size, _ in configs]
+    results = [{"alone": [], "loaded": []} for _ in configs]
     try:
-        drive(url, image, tasks, max(8, len(tasks) * 4), args.clients)  # warm-up: sessions, connections
-        rounds = [drive(url, image, tasks, requests, args.clients) for _ in range(args.rounds)]
+        for (_, tasks, _, _), (_, url) in zip(configs, servers):
+            drive(url, image, tasks, max(8, len(tasks) * 4), args.clients)  # warm-up: sessions, connections
+        for _ in range(args.rounds):
+            for (_, tasks, _, requests), (_, url), result in zip(configs, servers, results):
+                result["alone"].append(drive(url, image, tasks, max(4, requests // 4), 1))
+                result["loaded"].append(drive(url, image, tasks, requests, args.clients))
     finally:
-        process.terminate()
-        process.wait(60)
-    latencies = [x for r in rounds for x in r["latencies_ms"]]
-    throughputs = [r["throughput_rps"] for r in rounds]
-    row = {"config": name, "tasks": len(tasks), "cache_size": cache_size, "clients": args.clients,
-           "requests": len(latencies), "failures": sum(r["failures"] for r in rounds),
-           "throughput_rps_median": statistics.median(throughputs), "throughput_rps_max": max(throughputs),
-           "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-           "min_ms": min(latencies)}
-    print(json.dumps(row))
-    return row
+        for process, _ in servers:
+            process.terminate()
+            process.wait(60)
+    rows = []
+    for (name, tasks, cache_size, _), result in zip(configs, results):
+        alone = [x for r in result["alone"] for x in r["latencies_ms"]]
+        loaded = [x for r in result["loaded"] for x in r["latencies_ms"]]
+        throughputs = [r["throughput_rps"] for r in result["loaded"]]
+        rows.append({"config": name, "tasks": len(tasks), "cache_size": cache_size, "clients": args.clients,
+                     "requests": len(alone) + len(loaded),
+                     "failures": sum(r["failures"] for runs in result.values() for r in runs),
+                     "throughput_rps_median": statistics.median(throughputs), "throughput_rps_max": max(throughputs),
+                     "p50_ms": percentile(alone, 50), "p99_ms": percentile(alone, 99), "min_ms": min(alone),
+                     "loaded_p50_ms": percentile(loaded, 50), "loaded_p99_ms": percentile(loaded, 99)})
+        print(json.dumps(rows[-1]))
+    return rows
 
 
 def measure_run(root: Path, args) -> dict:
@@ -166,46 +178,54 @@ def measure_run(root: Path, args) -> dict:
     row = {"config": "km-edge run per image", "tasks": 1, "cache_size": None, "clients": 1,
            "requests": len(times), "failures": 0, "throughput_rps_median": 1000 / statistics.median(times),
            "throughput_rps_max": 1000 / min(times), "p50_ms": statistics.median(times),
-           "p99_ms": percentile(times, 99), "min_ms": min(times)}
+           "p99_ms": percentile(times, 99), "min_ms": min(times), "loaded_p50_ms": None, "loaded_p99_ms": None}
     print(json.dumps(row))
     return row
 
 
 def write_markdown(path: Path, result: dict) -> None:
     setup = result["setup"]
+    pinned = setup["pinned"]
     lines = [
         "# `km-edge serve`: throughput and latency",
         "",
         f"Base {setup['arch']} at {setup['input_size']} px ({setup['base_bytes'] / 2**20:.1f} MiB, random weights), "
         f"default-KM packs of {setup['pack_bytes'] / 1024:.0f} KiB with {N_CLASSES} classes; one "
-        f"{setup['input_size'] + 32} px JPEG per request over 127.0.0.1; server: 1 worker, 1 onnxruntime "
-        f"thread{', pinned to CPU ' + setup['server_cpus'] if setup['pinned'] else ''}; "
-        f"{setup['clients']} closed-loop clients{' on CPU ' + setup['client_cpus'] if setup['pinned'] else ''}; "
-        f"{setup['rounds']} rounds of {setup['requests']} requests per configuration (a tenth of that with "
-        "cache 1).",
-        f"Machine: {setup['machine']}, {setup['cpus']} CPUs (shared with other work while measured: treat "
-        "absolute numbers as indicative, the ratios within the table as the result). "
+        f"{setup['input_size'] + 32} px JPEG per request over 127.0.0.1. Server: 1 inference worker, 1 onnxruntime "
+        f"thread{', pinned to CPU ' + setup['server_cpus'] if pinned else ''}; clients"
+        f"{' on CPU ' + setup['client_cpus'] if pinned else ''}. Throughput and the loaded latencies: "
+        f"{setup['clients']} closed-loop clients; latency: 1 client (nothing queued). The three server "
+        f"configurations run side by side and their {setup['rounds']} rounds alternate ({setup['requests']} "
+        "requests per round with 4 clients, a tenth of that with cache 1, a quarter with 1 client).",
+        "",
+        f"Machine: {setup['machine']}, {setup['cpus']} CPUs, shared with other jobs while measured (1-minute load "
+        f"average {setup['load_average_1min'][0]} before, {setup['load_average_1min'][1]} after): the absolute "
+        "figures are far below what an idle core gives; compare the rows with each other. "
         f"Reproduce: `{setup['command']}`.",
         "",
-        "| configuration | tasks | session cache | throughput (req/s, median round) | p50 latency (ms) | "
-        "p99 latency (ms) | min (ms) | failed |",
+        "| configuration | tasks | session cache | throughput, 4 clients (req/s, median round) | "
+        "p50 latency (ms) | p99 latency (ms) | p50 / p99 with 4 clients (ms) | failed |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         cache = "–" if row["cache_size"] is None else str(row["cache_size"])
-        lines.append(f"| {row['config']} | {row['tasks']} | {cache} | {row['throughput_rps_median']:.1f} | "
-                     f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['min_ms']:.1f} | {row['failures']} |")
+        loaded = ("–" if row["loaded_p50_ms"] is None
+                  else f"{row['loaded_p50_ms']:.0f} / {row['loaded_p99_ms']:.0f}")
+        lines.append(f"| {row['config']} | {row['tasks']} | {cache} | {row['throughput_rps_median']:.2f} | "
+                     f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {loaded} | {row['failures']} |")
     rows = {row["config"]: row for row in result["rows"]}
-    one, four, run = rows["1 task"], rows["4 tasks"], rows["km-edge run per image"]
+    one, four, run, cold = rows["1 task"], rows["4 tasks"], rows["km-edge run per image"], rows["4 tasks, cache 1"]
     lines += [
         "",
-        f"Serving 4 tasks from one process runs at {four['throughput_rps_median'] / one['throughput_rps_median']:.2f}x "
-        "the throughput of serving 1 (each request costs one inference whichever task it names); a request "
-        "to a warm "
-        f"server has a p50 of {one['p50_ms']:.1f} ms against {run['p50_ms']:.0f} ms for a fresh `km-edge run` "
-        f"({run['p50_ms'] / one['p50_ms']:.0f}x), which pays the imports, the base and the pack load every time. "
-        "With `--cache-size 1` and four tasks every request rebuilds a session (kernels + onnxruntime session), "
-        "which is what the cache is for.",
+        f"- Four tasks in one process: {four['throughput_rps_median'] / one['throughput_rps_median']:.2f}x the "
+        f"throughput of one task and {four['p50_ms'] / one['p50_ms']:.2f}x its p50 latency: a request costs one "
+        "inference whichever task it names, as long as the tasks' sessions are cached.",
+        f"- A warm server answers in {one['p50_ms']:.0f} ms (p50) where a fresh `km-edge run` takes "
+        f"{run['p50_ms']:.0f} ms ({run['p50_ms'] / one['p50_ms']:.0f}x): the process start, imports, base and "
+        "pack load that `serve` pays once.",
+        f"- With `--cache-size 1` every request to a different task rebuilds its session (kernels + onnxruntime "
+        f"session): p50 {cold['p50_ms']:.0f} ms, {cold['p50_ms'] / four['p50_ms']:.0f}x the cached case. Size "
+        "the cache to the tasks a device answers for.",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -230,14 +250,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         setup = make_device(root, args.arch, args.input_size)
-        rows = [
-            measure_serve(root, "1 task", TASKS[:1], 8, args, args.requests),
-            measure_serve(root, "4 tasks", TASKS, 8, args, args.requests),
+        load_before = os.getloadavg()
+        rows = measure_serve(root, [
+            ("1 task", TASKS[:1], 8, args.requests),
+            ("4 tasks", TASKS, 8, args.requests),
             # every request rebuilds a session here: a tenth of the requests says enough
-            measure_serve(root, "4 tasks, cache 1", TASKS, 1, args, max(8, args.requests // 10)),
-            measure_run(root, args),
-        ]
-    setup.update(machine=platform.machine(), cpus=os.cpu_count(), clients=args.clients, rounds=args.rounds,
+            ("4 tasks, cache 1", TASKS, 1, max(8, args.requests // 10)),
+        ], args)
+        rows.append(measure_run(root, args))
+        load_after = os.getloadavg()
+    setup.update(machine=platform.machine(), cpus=os.cpu_count(),
+                 load_average_1min=[round(load_before[0], 1), round(load_after[0], 1)], clients=args.clients, rounds=args.rounds,
                  requests=args.requests, pinned=pinned, server_cpus=args.server_cpus, client_cpus=args.client_cpus,
                  command="python " + " ".join(["benchmarks/serve.py", *sys.argv[1:]]))
     result = {"setup": setup, "rows": rows}

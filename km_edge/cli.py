@@ -465,20 +465,17 @@ def _read_token(path) -> bytes:
     return token
 
 
-def _provider_arguments(providers) -> dict:
-    """``--provider`` passed to the Runtime in whichever form it takes (providers list or one name)."""
-    if not providers:
+def _provider_arguments(provider) -> dict:
+    """``--provider`` for the Runtime, if this Runtime takes an execution-provider choice."""
+    if not provider:
         return {}
     import inspect
 
     from device_runtime.runtime import Runtime
 
-    accepted = inspect.signature(Runtime).parameters
-    if "providers" in accepted:
-        return {"providers": list(providers)}
-    if "provider" in accepted and len(providers) == 1:
-        return {"provider": providers[0]}
-    raise ConfigError("--provider: this Runtime takes no execution-provider choice; drop the flag")
+    if "provider" not in inspect.signature(Runtime).parameters:
+        raise ConfigError("--provider: this Runtime takes no execution-provider choice; drop the flag")
+    return {"provider": provider}
 
 
 @command(main, "serve")
@@ -489,7 +486,7 @@ def _provider_arguments(providers) -> dict:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--cache-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Tasks keeping a built session; others are rebuilt on their next request.")
-@click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeatable).")
+@click.option("--provider", default=None, help="onnxruntime execution provider, passed to the Runtime.")
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads per session.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Inference threads.")
@@ -512,13 +509,15 @@ def _provider_arguments(providers) -> dict:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log", is_flag=True, help="Log every request.")
-def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, providers, backend, threads, workers,
+def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, provider, backend, threads, workers,
               queue_size, token_file, state_path, poll_interval, keep_removed, max_body_mb, max_images,
               max_pixels, shutdown_timeout, log_level, access_log, as_json):
     """Serve every task pack in a folder over HTTP; new pack versions are swapped in while serving."""
     import logging
 
     try:
+        import uvicorn  # noqa: F401 - only checked here; device_runtime.serve.server runs it
+
         from device_runtime.serve import server
         from device_runtime.serve.app import ServeOptions, build_app
         from device_runtime.serve.catalog import PackCatalog
@@ -534,7 +533,7 @@ def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, providers, b
     rollback = _rollback_state(state_path)
     # the catalog keeps its own session cache; the Runtime's holds only the latest build
     runtime = _runtime(base_dir, pubkeys, backend, threads, rollback=rollback, cache_size=1,
-                       **_provider_arguments(providers))
+                       **_provider_arguments(provider))
     options = ServeOptions(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
                            workers=workers, queue_size=queue_size, token=token)
     catalog = PackCatalog(runtime, packs, cache_size=cache_size, unload_removed=not keep_removed)

@@ -367,6 +367,16 @@ def test_serve_runs_where_torch_cannot_be_imported(device):
         assert served.stop() == 0
 
 
+@pytest.mark.parametrize("missing", ["starlette", "uvicorn"])
+def test_serve_without_the_serve_extra_says_how_to_install_it(device, missing):
+    code = (f"import sys; sys.modules[{missing!r}] = None; sys.argv[0] = 'km-edge'; "
+            "from km_edge.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, "serve", "--base", device.base_dir, "--packs",
+                             device.packs, "--pubkey", device.pubkey], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "km-edge[serve]" in result.stderr and missing in result.stderr
+
+
 def test_cli_startup_does_not_import_the_server_stack():
     code = ("import sys, km_edge.cli; "
             "print(sorted(m for m in ('starlette', 'uvicorn', 'multipart', 'torch') if m in sys.modules))")

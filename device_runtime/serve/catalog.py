@@ -187,7 +187,8 @@ class PackCatalog:
                 return served, loaded
         self._count("cache_misses")
         with self._build_lock:
-            loaded = served.loaded  # built by another request while this one waited?
+            served = self.lookup(task)  # the newest, should an update have landed meanwhile
+            loaded = served.loaded  # or built by another request while this one waited
             if loaded is None:
                 loaded = self.runtime.load_pack(served.path, data=served.data)
         with self._lock:
@@ -249,10 +250,10 @@ class PackCatalog:
                     "higher version")
             with self._build_lock:
                 loaded = self.runtime.load_pack(path, data=data)
+                # swapped in before the lock goes: a rebuild never sees the Runtime ahead of the table
+                self._install(ServedPack(loaded.pack, data, digest, path, _now(), loaded), changes)
         except Exception as exc:  # noqa: BLE001 - the poller must outlive any bad file
             self._refuse(path, task, exc, changes)
-            return
-        self._install(ServedPack(loaded.pack, data, digest, path, _now(), loaded), changes)
 
     def _install(self, served: ServedPack, changes: dict) -> None:
         with self._lock:
