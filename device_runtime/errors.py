@@ -51,6 +51,14 @@ class NotNewerError(PackError):
     """A hot update whose version is not above the version being served (equal or older)."""
 
 
+class PackLimitError(PackError):
+    """A signed pack asks for more than the runtime allows (sizes, work; see device_runtime.limits)."""
+
+
+class NonFiniteError(PackError):
+    """A pack's rebuilt kernels or its scores are not finite (NaN or infinity)."""
+
+
 # --- bases, keys, images, data, config ------------------------------------------------------
 class BaseError(KmEdgeError):
     """The exported base directory is missing, incomplete or inconsistent."""
@@ -74,6 +82,10 @@ class StateError(KmEdgeError):
 
 class ConfigError(KmEdgeError):
     """km-edge.toml or a flag asks for something that does not exist."""
+
+
+class OutputError(KmEdgeError):
+    """An output file or folder cannot be written (permissions, a file in the way, disk full)."""
 
 
 class CheckpointError(KmEdgeError):

@@ -1,26 +1,123 @@
-"""Atomic file writes: a crash or a refusal never leaves a half-written pack, base or key."""
+"""Atomic file writes: a crash, a signal or a refusal never leaves a half-written pack, base or key.
+
+The data goes to a hidden temporary file beside the destination (``.NAME.<pid>.<random>.tmp``),
+is fsynced and renamed over the destination. The temporary file is removed when the write fails,
+on Ctrl-C (KeyboardInterrupt) and on SIGTERM/SIGHUP (turned into SystemExit for the duration of
+the write when the process has no handler of its own). A run killed outright (SIGKILL, power loss)
+cannot clean up, so every write first removes the stale temporary files of the same destination
+left by writers that are no longer running. Any OS failure (permissions, a file where a folder
+should be, a full disk) is an :class:`OutputError` naming the destination.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import OutputError
+
+__all__ = ["write_atomic", "remove_stale_temporaries"]
+
+# temporary files without a writer's pid in their name (older km-edge) count as stale after this
+STALE_AFTER_S = 3600
+_CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # someone else's live process (or not a pid at all)
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove ``.NAME.<pid>.*.tmp`` files beside ``path`` whose writer is gone (and pid-less ones
+    older than ``STALE_AFTER_S``); returns what was removed. Never raises for a file it cannot
+    remove."""
+    path = Path(path)
+    prefix, removed = _temp_prefix(path), []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        writer = name[len(prefix):-len(".tmp")].split(".")[0]
+        try:
+            if writer.isdigit():
+                stale = not _pid_alive(int(writer))
+            else:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+def _exit_on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _signals_clean_up():
+    """While the temporary file exists, SIGTERM/SIGHUP raise SystemExit so ``finally`` runs.
+
+    Only where Python can install handlers (the main thread) and only for signals that still have
+    the default action: a program's own handlers are left alone.
+    """
+    replaced = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _CLEANUP_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                replaced[sig] = signal.signal(sig, _exit_on_signal)
+    try:
+        yield
+    finally:
+        for sig, previous in replaced.items():
+            signal.signal(sig, previous)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    Raises :class:`OutputError` if the destination cannot be written; ``path`` is then unchanged.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    tmp_name = None
+    with _signals_clean_up():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path)
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.",
+                                            suffix=".tmp")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp_name, mode)
+            os.replace(tmp_name, path)
+            tmp_name = None
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or type(exc).__name__})") from None
+        finally:
+            if tmp_name is not None and os.path.lexists(tmp_name):
+                os.unlink(tmp_name)
     return path

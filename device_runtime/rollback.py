@@ -22,7 +22,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import RollbackError, StateError
+from .errors import OutputError, RollbackError, StateError
 from .files import write_atomic
 
 try:  # POSIX; a platform without it gets no cross-process lock (devices are Linux)
@@ -163,9 +163,9 @@ class RollbackState:
         }
         try:
             write_atomic(self.path, (json.dumps(document, indent=2) + "\n").encode(), mode=0o644)
-            _fsync_directory(self.path.parent)  # the rename itself survives a power cut
-        except OSError as exc:
-            raise StateError(self._cannot("write", exc)) from None
+        except OutputError as exc:
+            raise StateError(f"{exc}; point --state or {STATE_ENV} at a writable file") from None
+        _fsync_directory(self.path.parent)  # the rename itself survives a power cut
 
 
 def _fsync_directory(folder: Path) -> None:

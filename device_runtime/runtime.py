@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import km
+from . import km, limits
 from .backends import make_backend
 from .basefiles import BN_TENSORS, Base
 from .errors import (
@@ -34,7 +34,7 @@ from .errors import (
 )
 from .imagefolder import list_image_folder
 from .packformat import read_pack, read_pack_file
-from .preprocess import check_spec, load_image, preprocess
+from .preprocess import check_spec, load_image, neutral_batch, preprocess
 
 __all__ = ["Runtime", "LoadedPack", "top_predictions"]
 
@@ -55,12 +55,16 @@ class LoadedPack:
         return list(self.pack.labels)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        """(N, n_labels) float32: this pack's head on (N, F) pooled features. Reads only, so
-        several threads may share one LoadedPack (onnxruntime sessions are thread-safe too)."""
+        """(N, n_labels) float32: this pack's head on (N, F) pooled features, checked finite.
+        Reads only, so several threads may share one LoadedPack (onnxruntime sessions are
+        thread-safe too)."""
         head = self.pack.head
         weight = np.asarray(head["weight"], dtype=np.float32)
         bias = np.asarray(head["bias"], dtype=np.float32)
-        return features @ weight.T + bias
+        with np.errstate(all="ignore"):
+            scores = features @ weight.T + bias
+        limits.check_finite_scores(self.path.name, scores)
+        return scores
 
 
 def top_predictions(logits: np.ndarray, labels: list[str], top_k: int) -> list[list[dict]]:
@@ -135,6 +139,8 @@ class Runtime:
         self._check_base(path, pack)
         self._check_shapes(path, pack)
         self._check_preprocess(path, pack)
+        # sizes and work relative to the base, from shapes alone: nothing allocated yet
+        limits.check_rebuild_budget(path.name, pack.layers, self.base.conv_shapes)
 
     def load_pack(self, path: str | os.PathLike, data: bytes | None = None) -> LoadedPack:
         """Verify, check and activate the pack at ``path``; raises a PackError subclass if refused.
@@ -142,6 +148,7 @@ class Runtime:
         ``data``: the pack's bytes when the caller already read them (``path`` then only names it).
         """
         path = Path(path)
+        self.base.check_unchanged()  # the files onnxruntime reads are still the ones verified
         timings: dict[str, float] = {}
         with _Stopwatch(timings, "verify"):
             data = read_pack_file(path) if data is None else bytes(data)
@@ -160,14 +167,17 @@ class Runtime:
 
         self._check_against_base(path, pack)
         self._check_version(path, pack)
-        with _Stopwatch(timings, "rebuild"):
+        # overflow in a hostile pack's rebuild is refused just below, not warned about
+        with _Stopwatch(timings, "rebuild"), np.errstate(all="ignore"):
             kernels = km.rebuild_kernels(self.base.conv_kernels(), pack.layers)
+        limits.check_finite_kernels(path.name, kernels)
         overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
         for layer in pack.bn:
             for tensor_name, array in layer["tensors"].items():
                 overrides[self.base.initializer_for(layer["name"], tensor_name)] = array
         with _Stopwatch(timings, "session"):
             backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads)
+        self._check_scores(path, pack, backend)
         loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings)
         self._cache[digest] = loaded
         while len(self._cache) > self.cache_size:
@@ -205,6 +215,14 @@ class Runtime:
                 check_spec(pack.preprocess)
             except ValueError as exc:
                 raise MalformedPackError(f"{path.name}: {exc}") from None
+            limits.check_input_size(path.name, pack.preprocess, self.base.input_hw)
+
+    def _check_scores(self, path: Path, pack, backend) -> None:
+        """The new pack's scores on one mid-grey image must be finite before it is activated."""
+        features = backend.features(neutral_batch(pack.preprocess or self.base.preprocess))
+        with np.errstate(all="ignore"):
+            scores = features @ pack.head["weight"].T + pack.head["bias"]
+        limits.check_finite_scores(path.name, scores)
 
     def _check_shapes(self, path: Path, pack) -> None:
         """Every layer, head and BN tensor against the manifest, before anything is built."""

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import click
 
-from device_runtime.errors import ConfigError, KmEdgeError
+from device_runtime.errors import ConfigError, KmEdgeError, NonFiniteError
+from device_runtime.text import MESSAGE_LIMIT, printable
+
+from .options import BASE, TRAIN
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -25,7 +28,11 @@ EXIT_INTERNAL = 1
 
 def _emit(data, as_json: bool, text: str | None = None) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        try:  # NaN/Infinity are not JSON: refuse rather than print invalid output
+            click.echo(json.dumps(data, indent=2, default=str, allow_nan=False))
+        except ValueError:
+            raise NonFiniteError("the result holds numbers that are not finite (NaN or infinity); "
+                                 "refused") from None
     elif text is not None:
         click.echo(text)
 
@@ -61,14 +68,36 @@ def command(group, *args, **kwargs):
 
 
 def _fail(message: str, code: int, as_json: bool) -> None:
-    message = " ".join(str(message).split())  # always one line
+    # always one line, control characters and ANSI escapes escaped, long names cut
+    message = printable(" ".join(str(message).split()), MESSAGE_LIMIT)
     if as_json:
         click.echo(json.dumps({"error": message, "exit_code": code}))
     click.echo(f"km-edge: error: {message}", err=True)
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """Usage errors (a bad flag value, a missing option) are refusals like any other: exit 2 and
+    one ``km-edge: error:`` line naming the flag and the way out, a JSON object with ``--json``."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        argv = sys.argv[1:] if args is None else list(args)
+        try:
+            result = super().main(argv, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            message = exc.format_message()
+            context = getattr(exc, "ctx", None)
+            if context is not None:
+                message += f" (see '{context.command_path} --help')"
+            _fail(message, exc.exit_code, "--json" in argv)
+        except click.exceptions.Abort:
+            _fail("aborted", 130, "--json" in argv)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="km-edge")
 def main() -> None:
     """Ship many image tasks to edge devices from one frozen ConvNet with Kernel Modulation packs."""
@@ -144,7 +173,7 @@ def with_options(options):
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @click.option("--arch", default="mobilenet_v2", show_default=True)
 @click.option("--weights", default="IMAGENET1K_V1", show_default=True)
-@click.option("--input-size", default=224, show_default=True, type=int)
+@click.option("--input-size", default=224, show_default=True, type=BASE["input_size"].click_type())
 @click.option("--force", is_flag=True, help="Overwrite an existing km-edge.toml.")
 def init_cmd(directory, arch, weights, input_size, force, as_json):
     """Scaffold km-edge.toml, data/, packs/ and keys/ (runs keygen)."""
@@ -184,8 +213,8 @@ def keygen_cmd(keys_dir, force, as_json):
 
 @command(main, "demo-data")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply images per class.")
+@click.option("--seed", default=0, show_default=True, type=TRAIN["seed"].click_type())
+@click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(0.01, 100.0), help="Multiply images per class.")
 def demo_data_cmd(directory, seed, scale, as_json):
     """Write the built-in offline demo tasks (ImageFolder): a source task and target tasks."""
     from .demodata import write_demo_data
@@ -200,13 +229,13 @@ def demo_data_cmd(directory, seed, scale, as_json):
 @click.option("--data", "data_dir", required=True, type=click.Path(), help="Source ImageFolder (train/, val/).")
 @click.option("--arch", default=None, help="Registry architecture [km-edge.toml or demo].")
 @click.option("--out", "out_path", default=None, type=click.Path(), help="Where to save [bases/ARCH.pth].")
-@click.option("--epochs", default=10, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--lr", default=3e-3, show_default=True, type=float)
-@click.option("--input-size", default=None, type=int)
-@click.option("--width", default=1.0, show_default=True, type=float, help="Channel width multiplier.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--epochs", default=10, show_default=True, type=TRAIN["epochs"].click_type())
+@click.option("--batch-size", default=64, show_default=True, type=TRAIN["batch_size"].click_type())
+@click.option("--lr", default=3e-3, show_default=True, type=TRAIN["lr"].click_type())
+@click.option("--input-size", default=None, type=BASE["input_size"].click_type())
+@click.option("--width", default=1.0, show_default=True, type=BASE["width"].click_type(), help="Channel width multiplier.")
+@click.option("--device", default="auto", show_default=True, type=TRAIN["device"].click_type())
+@click.option("--seed", default=0, show_default=True, type=TRAIN["seed"].click_type())
 def pretrain_cmd(data_dir, arch, out_path, epochs, batch_size, lr, input_size, width, device, seed, as_json):
     """Train a base from scratch on a source ImageFolder (the offline way to get a base)."""
     from .train import pretrain_base
@@ -223,7 +252,7 @@ def pretrain_cmd(data_dir, arch, out_path, epochs, batch_size, lr, input_size, w
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[km-edge.toml paths.base or base/]")
 @click.option("--arch", default=None)
 @click.option("--weights", default=None, help="torchvision weights name, local .pth or none.")
-@click.option("--input-size", default=None, type=int)
+@click.option("--input-size", default=None, type=BASE["input_size"].click_type())
 def export_base_cmd(out_dir, arch, weights, input_size, as_json):
     """Export the frozen base: base.onnx + base.weights + manifest.json; prints base_id."""
     from .export import export_base
@@ -244,22 +273,16 @@ def export_base_cmd(out_dir, arch, weights, input_size, as_json):
     _emit(report, as_json, f"exported {manifest['arch']} to {out_dir}\nbase_id {manifest['base_id']}")
 
 
-train_options = [
-    click.option("--method", type=click.Choice(["km", "head", "bn", "lora", "full"]), default=None),
-    click.option("--epochs", type=int, default=None),
-    click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps."),
-    click.option("--batch-size", type=int, default=None),
-    click.option("--lr", type=float, default=None, help="Learning rate of the adapters [per-method default]."),
-    click.option("--head-lr", type=float, default=None),
-    click.option("--device", type=click.Choice(["cpu", "cuda", "mps", "auto"]), default=None),
-    click.option("--seed", type=int, default=None),
-    click.option("--modulator", type=click.Choice(["kernel", "channel", "auto"]), default=None),
-    click.option("--kernel-hidden", type=int, default=None),
-    click.option("--channel-hidden", type=int, default=None),
-    click.option("--activation", type=click.Choice(["relu", "silu", "tanh", "gelu"]), default=None),
-    click.option("--train-bn/--no-train-bn", default=None, help="BatchNorm affine + statistics become task tensors."),
-    click.option("--lora-rank", type=int, default=None),
-]
+def _flag(name: str, setting) -> click.Option:
+    """A command-line flag for one schema setting (km_edge.options): same range, same choices."""
+    flag = "--" + name.replace("_", "-")
+    if setting.kind is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=setting.help)
+    return click.option(flag, name, type=setting.click_type(), default=None, help=setting.help or None)
+
+
+train_options = [_flag(name, setting) for name, setting in TRAIN.items()
+                 if name not in ("weight_decay", "workers")]
 
 
 def _train(task, overrides, as_json):
@@ -287,7 +310,7 @@ def train_cmd(task, as_json, **overrides):
 
 @command(main, "pack")
 @click.option("--task", required=True)
-@click.option("--version", "pack_version", type=int, default=None, help="Pack version [previous + 1, or 1].")
+@click.option("--version", "pack_version", type=click.IntRange(1, 2**53), default=None, help="Pack version [previous + 1, or 1].")
 @click.option("--dtype", "storage_dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="[packs/TASK.kmp]")
 @click.option("--retrain", is_flag=True, help="Train again even if a checkpoint exists.")
@@ -336,7 +359,7 @@ def _next_pack_version(path: Path, pubkey: Path) -> int:
 @with_options(device_options)
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 @state_option
 def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, state_path, as_json):
     """Predict labels (top-k) for images on the device runtime."""
@@ -353,14 +376,14 @@ def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, state
     lines = []
     for item in predictions:
         if "error" in item:
-            lines.append(f"{item['image']}: error: {item['error']}")
+            lines.append(f"{printable(item['image'])}: error: {printable(item['error'], MESSAGE_LIMIT)}")
         else:
-            best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in item["top"])
-            lines.append(f"{item['image']}: {best}")
+            best = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in item["top"])
+            lines.append(f"{printable(item['image'])}: {best}")
     _emit(report, as_json, "\n".join(lines))
     failed = [item for item in predictions if "error" in item]
     for item in failed:
-        click.echo(f"km-edge: error: {item['error']}", err=True)
+        click.echo(f"km-edge: error: {printable(item['error'], MESSAGE_LIMIT)}", err=True)
     if failed:
         sys.exit(EXIT_BAD_INPUT)
 
@@ -370,8 +393,8 @@ def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, state
 @click.argument("directory", type=click.Path())
 @with_options(device_options)
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--threads", default=None, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 @state_option
 def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threads, state_path, as_json):
     """Accuracy of a pack on a labelled ImageFolder split, on the device runtime."""
@@ -380,7 +403,11 @@ def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threa
     result = runtime.evaluate(directory, batch_size=batch_size, progress=not as_json)
     result["timings_ms"] = {k: round(v, 3) for k, v in loaded.timings_ms.items()}
     result["pack"] = {"task": loaded.pack.task, "version": loaded.pack.pack_version}
-    _emit(result, as_json, f"{loaded.pack.task}: accuracy {result['accuracy']:.4f} on {result['n_images']} images")
+    lines = [f"{printable(loaded.pack.task)}: accuracy {result['accuracy']:.4f} on {result['n_images']} images"]
+    if result["errors"]:  # skipped images are listed, not hidden
+        lines.append(f"{len(result['errors'])} unreadable images skipped (not counted):")
+        lines += [f"  {printable(item['error'], MESSAGE_LIMIT)}" for item in result["errors"]]
+    _emit(result, as_json, "\n".join(lines))
 
 
 @command(main, "verify")
@@ -404,7 +431,7 @@ def verify_cmd(pack_path, base_dir, pubkeys, state_path, as_json):
     report = {"pack": str(pack_path), "ok": True, "task": pack.task, "version": pack.pack_version,
               "key_id": pack.key_id, "base_id": pack.base_id, "base_checked": checked_base,
               "recorded_version": rollback.recorded(pack.task, pack.key_id)}
-    _emit(report, as_json, f"{pack_path}: OK (task {pack.task}, v{pack.pack_version}, key {pack.key_id}"
+    _emit(report, as_json, f"{printable(pack_path)}: OK (task {printable(pack.task)}, v{pack.pack_version}, key {pack.key_id}"
           + (", matches base)" if checked_base else "; base not checked: no base dir)"))
 
 
@@ -426,19 +453,19 @@ def inspect_cmd(pack_path, pubkeys, as_json):
             click.echo(f"layers: {len(value)}")
             for layer in value:
                 tensors = ", ".join(f"{n}{tuple(t['shape'])}" for n, t in layer["tensors"].items())
-                click.echo(f"  {layer['name']}: {layer['adapter']} {layer.get('kind', '')} "
+                click.echo(f"  {printable(layer['name'])}: {layer['adapter']} {layer.get('kind', '')} "
                            f"{layer.get('activation', '')} scale={layer.get('scale', 0):.4g} {tensors}")
         elif key == "bn":
             click.echo(f"bn overrides: {len(value)}")
         else:
-            click.echo(f"{key}: {json.dumps(value, default=str)}")
+            click.echo(f"{key}: {printable(json.dumps(value, default=str), MESSAGE_LIMIT)}")
 
 
 # --- the whole flow --------------------------------------------------------------------------------
 @command(main, "demo")
 @click.option("--workdir", default="demo-work", show_default=True, type=click.Path(file_okay=False))
 @click.option("--tasks", default="letters,shapes,textures", show_default=True, help="Target tasks to pack.")
-@click.option("--epochs", default=None, type=int, help="Training epochs per task [demo default].")
+@click.option("--epochs", default=None, type=TRAIN["epochs"].click_type(), help="Training epochs per task [demo default].")
 def demo_cmd(workdir, tasks, epochs, as_json):
     """The whole flow on built-in demo data, offline, in minutes."""
     from .demo import run_demo
@@ -488,7 +515,7 @@ def _provider_arguments(provider) -> dict:
               help="Tasks keeping a built session; others are rebuilt on their next request.")
 @click.option("--provider", default=None, help="onnxruntime execution provider, passed to the Runtime.")
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
-@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads per session.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads per session.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Inference threads.")
 @click.option("--queue-size", default=16, show_default=True, type=click.IntRange(0, 4096),
               help="Requests that may wait for a worker; beyond it: 503 + Retry-After.")

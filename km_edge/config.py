@@ -12,6 +12,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from device_runtime.errors import ConfigError
+from device_runtime.text import check_task_name
+
+from .options import BASE, PATH_DEFAULTS, PATHS, TASK, TRAIN, TRAIN_DEFAULTS, check_table
+
+__all__ = ["CONFIG_FILE", "TRAIN_DEFAULTS", "Settings", "load_settings", "render_config"]
 
 CONFIG_FILE = "km-edge.toml"
 
@@ -27,49 +32,16 @@ weights = "{weights}"
 input_size = {input_size}
 
 [paths]
-data = "data"
-base = "base"
-packs = "packs"
-checkpoints = "checkpoints"
-keys = "keys"
+{paths}
 
 [train]
-method = "km"          # km | head | bn | lora | full
-epochs = 10
-batch_size = 32
-device = "auto"        # cpu | cuda | mps | auto
-seed = 0
-modulator = "auto"     # kernel | channel | auto
-kernel_hidden = 8
-channel_hidden = 1
-activation = "gelu"    # relu | silu | tanh | gelu
-# train_bn = true      # BatchNorm affine + statistics as task tensors (default: on for km, off otherwise)
-lora_rank = 2
+{train}
 
 # One table per task; `data` holds train/ (and optionally val/) ImageFolder splits.
 # [tasks.birds]
 # data = "data/birds"
 # epochs = 15
 """
-
-TRAIN_DEFAULTS = {
-    "method": "km",
-    "epochs": 10,
-    "batch_size": 32,
-    "device": "auto",
-    "seed": 0,
-    "modulator": "auto",
-    "kernel_hidden": 8,
-    "channel_hidden": 1,
-    "activation": "gelu",
-    "train_bn": None,  # None: the method's default (on for km, see benchmarks/results/transfer.md)
-    "lora_rank": 2,
-    "lr": None,
-    "head_lr": None,
-    "weight_decay": 1e-4,
-    "workers": 0,
-    "max_steps": None,
-}
 
 
 @dataclass
@@ -82,8 +54,7 @@ class Settings:
     found: bool = False
 
     def path(self, key: str) -> Path:
-        defaults = {"data": "data", "base": "base", "packs": "packs", "checkpoints": "checkpoints", "keys": "keys"}
-        return self.root / self.paths.get(key, defaults[key])
+        return self.root / self.paths.get(key, PATH_DEFAULTS[key])
 
     def base_weights(self) -> str | None:
         weights = self.base.get("weights")
@@ -93,7 +64,15 @@ class Settings:
         return str(candidate) if candidate.suffix in (".pth", ".pt") or candidate.exists() else weights
 
     def task(self, name: str) -> dict:
-        """A task's settings; tasks not in the config are found under the data folder."""
+        """A task's settings; tasks not in the config are found under the data folder.
+
+        The name becomes ``packs/NAME.kmp`` and ``checkpoints/NAME.pt``, so it must be a safe name
+        (``device_runtime.text.check_task_name``): ``../x``, ``/etc`` or ``a/../a`` are refused.
+        """
+        try:
+            check_task_name(name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if name in self.tasks:
             task = dict(self.tasks[name])
             task["data"] = str(self.root / task.get("data", f"{self.paths.get('data', 'data')}/{name}"))
@@ -127,22 +106,47 @@ def load_settings(root: str | Path = ".") -> Settings:
         raise ConfigError(f"{path}: not valid TOML ({exc})")
     unknown = set(data) - {"base", "paths", "train", "tasks"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; known: base, paths, train, tasks")
+    tasks = data.get("tasks", {})
+    if not isinstance(tasks, dict):
+        raise ConfigError(f"{path} [tasks] must be a table of [tasks.NAME] tables")
+    for name in tasks:
+        try:
+            check_task_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"{path} [tasks]: {exc}") from None
     return Settings(
         root=root,
-        base=data.get("base", {}),
-        paths=data.get("paths", {}),
-        train=data.get("train", {}),
-        tasks=data.get("tasks", {}),
+        base=check_table(data.get("base", {}), BASE, f"{path} [base]"),
+        paths=check_table(data.get("paths", {}), PATHS, f"{path} [paths]"),
+        train=check_table(data.get("train", {}), TRAIN, f"{path} [train]"),
+        tasks={name: check_table(table, TASK, f"{path} [tasks.{name}]") for name, table in tasks.items()},
         found=True,
     )
 
 
 def render_config(arch: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1", input_size: int = 224, tasks: dict | None = None) -> str:
-    text = DEFAULT_TOML.format(arch=arch, weights=weights, input_size=input_size)
+    text = DEFAULT_TOML.format(arch=arch, weights=weights, input_size=input_size, train=_train_block(),
+                              paths="\n".join(f"{k} = {_toml_value(v)}" for k, v in PATH_DEFAULTS.items()))
     for name, task in (tasks or {}).items():
         text += f"\n[tasks.{name}]\n" + "".join(f'{k} = {_toml_value(v)}\n' for k, v in task.items())
     return text
+
+
+def _train_block() -> str:
+    """The [train] table of a new km-edge.toml, written from the option schema."""
+    lines = []
+    for name, setting in TRAIN.items():
+        if name in ("max_steps", "workers", "weight_decay"):
+            continue
+        if setting.default is None:
+            lines.append(f"# {name}: {setting.help or setting.describe()}")
+            continue
+        line = f"{name} = {_toml_value(setting.default)}"
+        if setting.choices:
+            line += f"    # {' | '.join(setting.choices)}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _toml_value(value) -> str:

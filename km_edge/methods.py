@@ -15,8 +15,7 @@ from device_runtime.km import ModulatorSpec
 
 from .adapters import attach_km, attach_lora
 from .models import TaskModel
-
-METHODS = ("km", "head", "bn", "lora", "full")
+from .options import METHODS
 # Methods whose task tensors fit in a pack (full fine-tuning produces a whole new model).
 PACKABLE_METHODS = ("km", "head", "bn", "lora")
 

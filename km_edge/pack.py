@@ -7,6 +7,7 @@ from pathlib import Path
 from device_runtime.basefiles import Base
 from device_runtime.errors import BaseMismatchError, CheckpointError
 from device_runtime.keys import load_private_key
+from device_runtime.limits import check_rebuild_budget
 from device_runtime.packformat import build_pack, write_pack
 
 from .adapters import adapters_of
@@ -70,6 +71,8 @@ def write_task_pack(
 ) -> dict:
     base_files = Base.open(base_dir, verify=True)
     body = pack_body(checkpoint, base_files, pack_version)
+    # refuse here what every device would refuse (modulators too big for the base)
+    check_rebuild_budget(Path(out_path).name, body["layers"], base_files.conv_shapes)
     data = build_pack(body, load_private_key(signing_key), storage_dtype=storage_dtype)
     write_pack(out_path, data)
     total = int(base_files.manifest["graph_bytes"]) + int(base_files.manifest["weights_bytes"])

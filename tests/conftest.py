@@ -5,6 +5,7 @@ Building it costs about half a minute on 2 CPU cores; tests that need it are mar
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,33 @@ KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
 PRETRAIN_EPOCHS = 12
 TASK_EPOCHS = 10
 DATA_SCALE = 0.5
+
+
+# fp16 keeps 11 significant bits: rounding moves a number by at most 2**-11 of itself.
+FP16_UNIT_ROUNDOFF = 2.0**-11
+
+
+def images_allowed(n: int) -> int:
+    """How many of ``n`` images two float-equivalent paths may classify differently: at least one
+    image, and 1 % of a large set (accuracy bounds are whole images, never a fraction of one)."""
+    return max(1, math.ceil(0.01 * n))
+
+
+def assert_same_predictions(logits_a, logits_b, atol: float) -> int:
+    """Logits agree within ``atol``, and top-1 is identical on every row whose top-1/top-2
+    margin in ``logits_a`` is more than twice the largest difference. Returns the number of rows
+    with a smaller margin (near-ties, where the two may legitimately disagree)."""
+    import numpy as np
+
+    logits_a, logits_b = np.asarray(logits_a, np.float64), np.asarray(logits_b, np.float64)
+    assert logits_a.shape == logits_b.shape
+    largest = float(np.abs(logits_a - logits_b).max())
+    assert largest <= atol, (largest, atol)
+    top2 = np.sort(logits_a, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * largest
+    disagree = np.flatnonzero(clear & (logits_a.argmax(1) != logits_b.argmax(1)))
+    assert disagree.size == 0, f"top-1 differs on rows {disagree.tolist()} despite a clear margin"
+    return int(np.sum(~clear))
 
 
 @dataclass

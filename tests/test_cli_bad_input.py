@@ -163,7 +163,8 @@ def test_class_folder_without_images(project):
 
 def test_unreadable_image(project):
     bad = project / "data" / TASK / "train" / "b" / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))  # a PNG signature, then garbage
+    garbage = np.random.default_rng(7).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + garbage)  # a PNG signature, then garbage
     # as a real process too: one line on the real stderr, nothing else printed there
     refuse(project, "train", "--task", TASK, words=("broken.png", "cannot read image"), subprocess=True)
 
@@ -185,13 +186,13 @@ def test_config_weights_of_another_arch(project, foreign_weights):
     """km-edge.toml says arch demo, weights a torchvision resnet18 state_dict."""
     path = foreign_weights["torchvision resnet18"]
     set_config(project, 'weights = "none"', f'weights = "{path}"')
-    refuse(project, "train", "--task", TASK, words=(path.name, "demo"))
+    refuse(project, "train", "--task", TASK, words=(path.name, "do not fit architecture 'demo'"))
 
 
 def test_export_base_weights_flag_of_another_arch(project, foreign_weights):
     """`export-base --weights` with a km-edge base file written for resnet18."""
     path = foreign_weights["km-edge resnet18"]
-    refuse(project, "export-base", "--weights", path, "--out", "exported", words=(path.name, "resnet18", "demo"))
+    refuse(project, "export-base", "--weights", path, "--out", "exported", words=(path.name, "are for 'resnet18', not 'demo'"))
     assert not (project / "exported").exists()
 
 
@@ -221,8 +222,53 @@ def test_json_error_is_one_json_object(project):
     assert result.returncode == 2
     error = json.loads(result.stdout)  # all of stdout is one JSON document
     assert isinstance(error, dict) and "nosuch" in error["error"]
-    assert error.get("exit_code", 2) == 2
+    assert error["exit_code"] == 2
     assert "\n" not in error["error"]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("km-edge: error:") and "Traceback" not in result.stderr
+    assert files_of(project) == before
+
+
+# --- bad flag values and bad km-edge.toml values: usage errors, exit 2, the flag or key named ----
+@pytest.mark.parametrize("args, named", [
+    (("--kernel-hidden", "0"), "--kernel-hidden"),
+    (("--channel-hidden", "-1"), "--channel-hidden"),
+    (("--batch-size", "0"), "--batch-size"),
+    (("--epochs", "0"), "--epochs"),
+    (("--max-steps", "0"), "--max-steps"),
+    (("--lr", "0"), "--lr"),
+    (("--lr", "nan"), "--lr"),
+    (("--seed", "-1"), "--seed"),
+    (("--seed", "x"), "--seed"),
+    (("--lora-rank", "0"), "--lora-rank"),
+    (("--activation", "swish"), "--activation"),
+])
+def test_bad_flag_value_is_exit_2_naming_the_flag(project, args, named):
+    refuse(project, "train", "--task", TASK, *args, words=(named,))
+
+
+@pytest.mark.parametrize("old, new, named", [
+    ("seed = 0", 'seed = "x"', "[train].seed"),
+    ("epochs = 1", "epoch = 3", "[train]: unknown key(s) epoch"),
+    ("batch_size = 32", "batch_size = 0", "[train].batch_size"),
+    ("kernel_hidden = 8", "kernel_hidden = 2.5", "[train].kernel_hidden"),
+    ('activation = "gelu"', 'activation = "swish"', "[train].activation"),
+    ("input_size = 32", 'input_size = "32"', "[base].input_size"),
+    ('keys = "keys"', "keys = 3", "[paths].keys"),
+    ('keys = "keys"', 'keys = "keys"\nkeyz = "k"', "[paths]: unknown key(s) keyz"),
+    (f'data = "data/{TASK}"', f'data = "data/{TASK}"\nepoch = 3', f"[tasks.{TASK}]: unknown key(s) epoch"),
+    (f'data = "data/{TASK}"', f'data = "data/{TASK}"\nlr = -1.0', f"[tasks.{TASK}].lr"),
+])
+def test_bad_config_value_is_exit_2_naming_file_table_and_key(project, old, new, named):
+    set_config(project, old, new)
+    refuse(project, "train", "--task", TASK, words=("km-edge.toml", named))
+
+
+def test_bad_flag_value_as_a_real_process_is_one_line(project):
+    before = files_of(project)
+    result = run_cli("train", "--task", TASK, "--kernel-hidden", "0", cwd=project)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("km-edge: error:") and "--kernel-hidden" in result.stderr
+    assert "--help" in result.stderr  # the way out
     assert files_of(project) == before

@@ -183,7 +183,10 @@ def test_write_base_is_deterministic(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     graph = (tmp_path / "a" / "base.onnx").read_bytes()
     weights = (tmp_path / "a" / "base.weights").read_bytes()
-    assert first["base_id"] == hashlib.sha256(graph + weights).hexdigest()
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    del manifest["base_id"]  # base_id covers graph, weights and the rest of the manifest
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    assert first["base_id"] == hashlib.sha256(graph + weights + canonical).hexdigest()
     assert first["graph_bytes"] == len(graph) and first["weights_bytes"] == len(weights)
     assert export(tmp_path / "c", seed=5)["base_id"] != first["base_id"]
     assert not list(tmp_path.glob("*/*.tmp")) and not list(tmp_path.glob("*/.*"))
@@ -191,7 +194,7 @@ def test_write_base_is_deterministic(tmp_path):
 
 def test_manifest_records_layers_meta_and_aligned_offsets(base_dir):
     manifest = json.loads((base_dir / "manifest.json").read_text())
-    assert manifest["format"] == "km-edge-base" and manifest["format_version"] == 1
+    assert manifest["format"] == "km-edge-base" and manifest["format_version"] == 2
     for key, value in META.items():
         assert manifest[key] == value
     assert [c["name"] for c in manifest["conv_layers"]] == [row[0] for row in CONV_TABLE]

@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
@@ -96,7 +97,7 @@ def test_load_unreadable_key_file_is_refused(tmp_path):
         b"",
         b"hello\n",
         b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
-        os.urandom(200),
+        np.random.default_rng(12).integers(0, 256, 200, dtype=np.uint8).tobytes(),
     ],
 )
 def test_load_garbage_key_files_is_refused(tmp_path, content):

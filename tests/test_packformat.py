@@ -32,14 +32,13 @@ from device_runtime.packformat import (
     write_pack,
 )
 
-RNG = np.random.default_rng(0)
-
-
-def make_body(n_classes: int = 3, feature_size: int = 16) -> dict:
-    """A small, complete km body: a kernel layer, a channel layer, a head, one BN override."""
+def make_body(n_classes: int = 3, feature_size: int = 16, seed: int = 0) -> dict:
+    """A small, complete km body: a kernel layer, a channel layer, a head, one BN override.
+    The same arguments give the same tensors, whatever ran before."""
+    rng = np.random.default_rng(seed)
 
     def rand(*shape):
-        return RNG.standard_normal(shape).astype(np.float32)
+        return rng.standard_normal(shape).astype(np.float32)
 
     return {
         "task": "birds",
@@ -408,7 +407,7 @@ def test_empty_and_missing_files_are_refused(tmp_path, trusted):
 @pytest.mark.parametrize(
     "content",
     [
-        os.urandom(1000),
+        np.random.default_rng(11).integers(0, 256, 1000, dtype=np.uint8).tobytes(),
         bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8)),
         b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10\0\0\0\x10\x08\x02\0\0\0",
         msgpack.packb(

@@ -132,7 +132,7 @@ def test_each_bad_request_gets_a_one_line_json_error(device, tmp_path):
             "too many images": (served.client.post("/v1/tasks/birds/predict", files=files), 400, "limit is 2"),
             "no file parts": (served.client.post("/v1/tasks/birds/predict", data={"a": "b"},
                                                  files=[("x", ("", b""))]), 400, "image"),
-            "too many pixels": (served.predict("birds", big.getvalue()), 400, "200x100"),
+            "too many pixels": (served.predict("birds", big.getvalue()), 400, "200 x 100 pixels"),
             "body too large": (served.predict("birds", b"x" * 100_000), 413, "limit"),
             "streamed too large": (served.predict("birds", iter([b"x" * 50_000] * 3)), 413, "limit"),
             "wrong method": (served.client.get("/v1/tasks/birds/predict"), 405, ""),

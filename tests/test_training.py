@@ -276,16 +276,16 @@ def test_demo_base_refuses_resnet18_torchvision_weights(tmp_path):
 
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    with pytest.raises(CheckpointError, match="demo"):
+    with pytest.raises(CheckpointError, match=r"do not fit architecture 'demo'"):
         build_base("demo", str(path))
 
 
 def test_base_files_of_another_arch_are_refused(tmp_path):
     resnet_file = save_base_weights(tmp_path / "slim_resnet18.pth", build_base("resnet18", None, width=0.125))
-    with pytest.raises(CheckpointError, match="resnet18"):
+    with pytest.raises(CheckpointError, match=r"base weights are for 'resnet18', not 'demo'"):
         build_base("demo", str(resnet_file))
     demo_file = save_base_weights(tmp_path / "demo.pth", build_base("demo", None))
-    with pytest.raises(CheckpointError, match="demo"):
+    with pytest.raises(CheckpointError, match=r"base weights are for 'demo', not 'resnet18'"):
         build_base("resnet18", str(demo_file))
     # a plain state_dict of a narrower demo net does not fit the default demo net either
     raw = tmp_path / "demo_half_raw.pth"

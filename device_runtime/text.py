@@ -1,0 +1,51 @@
+"""Strings from outside, made safe to print or to use as a file name.
+
+Labels, task names, file names and error messages may come from a signed-but-hostile pack or a
+careless operator. :func:`printable` is the one place that turns any of them into a single line a
+terminal shows as text (control characters, ANSI escapes and bidi overrides escaped, long values
+cut); :func:`check_task_name` is the one rule for a task name, which becomes a file name
+(``packs/NAME.kmp``, ``checkpoints/NAME.pt``).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+__all__ = ["printable", "check_task_name", "TASK_NAME_MAX", "TASK_NAME_RULE"]
+
+PRINT_LIMIT = 200        # characters of one printed value (a label, a task, a file name)
+MESSAGE_LIMIT = 1000     # characters of one printed error line
+TASK_NAME_MAX = 64
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+TASK_NAME_RULE = (f"1 to {TASK_NAME_MAX} characters from A-Z a-z 0-9 . _ -, starting with a letter "
+                  "or digit")
+
+
+def _escape(char: str) -> str:
+    # Cc: C0/C1 controls incl. ESC and newline; Cf: format chars such as bidi overrides; Zl/Zp:
+    # line and paragraph separators; Cs: lone surrogates
+    if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
+
+
+def printable(value, limit: int = PRINT_LIMIT) -> str:
+    """``value`` as one line of visible text: controls escaped (``\\x1b``), cut to ``limit``
+    characters with the number of characters left out."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) > limit
+    shown = "".join(_escape(c) for c in (text[:limit] if cut else text))
+    if cut:
+        shown += f"...[{len(text) - limit} more characters]"
+    return shown
+
+
+def check_task_name(name) -> str:
+    """``name`` if it is a safe task name, else ValueError saying the rule (callers re-raise it as
+    their own error). A safe name has no path separator, is not ``.``/``..`` and cannot start with
+    ``-`` or ``.``."""
+    if not isinstance(name, str) or len(name) > TASK_NAME_MAX or not _TASK_NAME.fullmatch(name):
+        raise ValueError(f"task name '{printable(name, 80)}' is not allowed: use {TASK_NAME_RULE}")
+    return name

@@ -1,0 +1,298 @@
+"""Validly signed packs that are hostile (a stolen key, a buggy host): refused, never used.
+
+Each pack is built with the ordinary writer (``packformat.build_pack``) and a test key, for the
+tiny hand-built base of ``test_device_runtime``. The runtime must refuse it with a ``PackError``
+subclass and one line, before allocating anything sized by the pack, and leave the active pack
+untouched. Where a format-side check could refuse the same pack earlier, the test asks only for a
+``PackError``; the runtime-side checks (sizes relative to the base, finite kernels and scores, crop
+vs the graph) are asked for by class.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from PIL import Image
+
+from device_runtime import keys, km, limits
+from device_runtime.errors import (
+    KmEdgeError,
+    NonFiniteError,
+    PackError,
+    PackLimitError,
+    ShapeMismatchError,
+)
+from device_runtime.runtime import Runtime
+
+from test_device_runtime import PREPROCESS, SIZE, export, make_pack, random_modulators
+
+KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base")
+    export(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("keys")
+    keys.generate_keypair(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def signing_key(key_dir) -> Ed25519PrivateKey:
+    return keys.load_private_key(key_dir / "signing.key")
+
+
+@pytest.fixture()
+def runtime(base_dir, signing_key):
+    return Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+
+
+def modulators(runtime, hidden: int, seed: int = 2) -> list[dict]:
+    return random_modulators(runtime.base, seed=seed, hidden=hidden)
+
+
+def refused(runtime, signing_key, path: Path, error=PackError) -> str:
+    """Load ``path`` on a runtime with a good pack active; assert the refusal contract."""
+    good = runtime.load_pack(make_pack(path.with_name("good.kmp"), runtime.base,
+                                       signing_key, task="good"))
+    with pytest.raises(error) as caught:
+        runtime.load_pack(path)
+    message = str(caught.value)
+    assert isinstance(caught.value, PackError) and "\n" not in message and path.name in message
+    assert runtime.active is good  # nothing of it is used
+    with pytest.raises(PackError):
+        runtime.load_pack(path)  # refused again: nothing of it was kept
+    assert runtime.load_pack(good.path).pack.task == "good"
+    return message
+
+
+# --- sizes and work relative to the base -----------------------------------------------------
+def test_modulator_bigger_than_the_base_is_refused_before_rebuilding(runtime, signing_key, tmp_path):
+    # hidden 30 on every layer: ~1,700 numbers for a base of 276 conv parameters
+    path = make_pack(tmp_path / "wide.kmp", runtime.base, signing_key,
+                     layers=modulators(runtime, hidden=30))
+    message = refused(runtime, signing_key, path, PackLimitError)
+    assert "conv parameters" in message
+    with pytest.raises(PackLimitError):
+        runtime.check_pack(path)  # `verify` refuses it too, nothing rebuilt
+
+
+def test_hidden_size_is_bounded_per_input_length(runtime, signing_key, tmp_path):
+    layers = modulators(runtime, hidden=2)
+    # the 1x1 conv's channel modulator (vectors of 6) with 97 hidden units: 97 > 16 x 6
+    rng = np.random.default_rng(0)
+    layers[2]["tensors"] = {n: rng.normal(0, 0.1, s).astype(np.float32)
+                            for n, s in km.modulator_shapes(6, 97).items()}
+    path = make_pack(tmp_path / "deep.kmp", runtime.base, signing_key, layers=layers)
+    assert "hidden size 97" in refused(runtime, signing_key, path, PackLimitError)
+
+
+def test_rebuild_work_is_bounded_relative_to_the_base():
+    """A layer with many short vectors: few parameters, much work (units = kernel x hidden)."""
+    conv_shapes = {"big": (512, 512, 1, 1)}
+    base_params = 512 * 512
+    hidden = limits.MAX_REBUILD_WORK_RATIO + 1
+    layer = {"name": "big", "adapter": "km", "kind": "channel",
+             "tensors": {n: np.zeros(s, np.float32) for n, s in km.modulator_shapes(512, hidden).items()}}
+    assert 2 * 512 * hidden < base_params  # within the parameter limit
+    with pytest.raises(PackLimitError, match="units of work"):
+        limits.check_rebuild_budget("p.kmp", [layer], conv_shapes)
+    layer["tensors"] = {n: np.zeros(s, np.float32) for n, s in km.modulator_shapes(512, 8).items()}
+    limits.check_rebuild_budget("p.kmp", [layer], conv_shapes)  # the default size is fine
+
+
+def test_default_sized_pack_is_within_every_limit(runtime, signing_key, tmp_path):
+    loaded = runtime.load_pack(make_pack(tmp_path / "ok.kmp", runtime.base, signing_key))
+    assert np.isfinite(runtime.logits(np.zeros((1, 3, SIZE, SIZE), np.float32))).all()
+    assert runtime.active is loaded
+
+
+# --- values that pass as finite floats but overflow float32 in use ---------------------------
+def test_modulators_that_overflow_the_rebuild_are_refused(runtime, signing_key, tmp_path):
+    layers = modulators(runtime, hidden=4)
+    for name in ("w1", "w2"):
+        layers[0]["tensors"][name] = np.full_like(layers[0]["tensors"][name], 1e20)
+    path = make_pack(tmp_path / "overflow.kmp", runtime.base, signing_key, layers=layers)
+    assert "rebuilt kernel of layer 'features.0'" in refused(runtime, signing_key, path, NonFiniteError)
+
+
+def test_head_that_overflows_the_scores_is_refused(runtime, signing_key, tmp_path):
+    path = make_pack(tmp_path / "head.kmp", runtime.base, signing_key)
+    # the same pack with a head of 3e38 (finite in float32; the scores are not)
+    from device_runtime import packformat
+
+    pack = packformat.read_pack(path.read_bytes(), runtime.trusted_keys)
+    body = _body_of(pack)
+    body["head"]["weight"] = np.full_like(body["head"]["weight"], 3e38)
+    body["head"]["bias"] = np.full_like(body["head"]["bias"], 3e38)
+    path.write_bytes(packformat.build_pack(body, signing_key))
+    assert "not finite" in refused(runtime, signing_key, path, NonFiniteError)
+
+
+def test_scores_that_overflow_on_one_request_are_refused(runtime, signing_key, tmp_path):
+    """A head that is finite on the load-time probe but overflows on brighter input."""
+    from device_runtime import packformat
+
+    path = make_pack(tmp_path / "head.kmp", runtime.base, signing_key)
+    body = _body_of(packformat.read_pack(path.read_bytes(), runtime.trusted_keys))
+    body["head"]["weight"] = np.full_like(body["head"]["weight"], 1e38)
+    path.write_bytes(packformat.build_pack(body, signing_key))
+    runtime.load_pack(path)  # the mid-grey probe scores finitely
+    with pytest.raises(NonFiniteError, match="not finite"):
+        runtime.logits(np.full((1, 3, SIZE, SIZE), 50.0, np.float32))
+
+
+def _body_of(pack) -> dict:
+    return {
+        "task": pack.task, "pack_version": pack.pack_version, "created": pack.created,
+        "base_id": pack.base_id, "labels": list(pack.labels), "preprocess": dict(pack.preprocess),
+        "method": pack.method, "modulator": pack.modulator, "layers": pack.layers,
+        "head": {k: np.array(v) for k, v in pack.head.items()}, "bn": pack.bn,
+        "metrics": pack.metrics, "trainer": pack.trainer,
+    }
+
+
+@pytest.mark.parametrize("case", ["negative variance", "scale 5e-324", "scale 1e-300", "lora 1e300"])
+def test_signed_values_that_give_nan_are_refused(runtime, signing_key, tmp_path, case):
+    layers, bn = modulators(runtime, hidden=4), None
+    if case == "negative variance":
+        bn = [{"name": "bn.0", "tensors": {
+            "weight": np.ones(6, np.float32), "bias": np.zeros(6, np.float32),
+            "running_mean": np.zeros(6, np.float32), "running_var": np.full(6, -1.0, np.float32)}}]
+    elif case.startswith("scale"):
+        layers[0]["scale"] = float(case.split()[1])
+    if case == "lora 1e300":
+        from device_runtime import packformat
+
+        weight_shape = runtime.base.conv_shapes["features.0"]
+        fan_in = int(np.prod(weight_shape[1:]))
+        lora = [{"name": "features.0", "adapter": "lora", "kind": "", "activation": "", "scale": 1e300,
+                 "tensors": {"a": np.ones((2, fan_in), np.float32),
+                             "b": np.ones((weight_shape[0], 2), np.float32)}}]
+        body = _body_of(packformat.read_pack(
+            make_pack(tmp_path / "x.kmp", runtime.base, signing_key).read_bytes(), runtime.trusted_keys))
+        body.update(method="lora", modulator=None, layers=lora)
+        path = tmp_path / "lora.kmp"
+        try:
+            path.write_bytes(packformat.build_pack(body, signing_key))
+        except ValueError:
+            pytest.skip("the writer itself refuses a LoRA scale of 1e300")
+    else:
+        try:
+            path = make_pack(tmp_path / "nan.kmp", runtime.base, signing_key, layers=layers, bn=bn)
+        except ValueError:
+            pytest.skip(f"the writer itself refuses {case}")
+    refused(runtime, signing_key, path)
+
+
+# --- preprocessing against the base ---------------------------------------------------------
+@pytest.mark.parametrize("change", [
+    {"resize": 10**5}, {"resize": float("inf")}, {"resize": "32"}, {"resize": 32.9},
+    {"interpolation": ["bilinear"]}, {"mean": [3e38, 0, 0]},
+])
+def test_unusable_preprocessing_is_refused_by_verify(runtime, signing_key, tmp_path, change):
+    try:
+        path = make_pack(tmp_path / "pre.kmp", runtime.base, signing_key,
+                         preprocess={**PREPROCESS, **change})
+    except ValueError:
+        pytest.skip("the writer itself refuses it")
+    with pytest.raises(PackError) as caught:
+        runtime.check_pack(path)
+    assert "\n" not in str(caught.value)
+    refused(runtime, signing_key, path)
+
+
+def test_crop_that_does_not_fit_the_graph_is_refused_by_verify(runtime, signing_key, tmp_path):
+    path = make_pack(tmp_path / "crop.kmp", runtime.base, signing_key,
+                     preprocess={**PREPROCESS, "resize": 2 * SIZE, "crop": 2 * SIZE})
+    with pytest.raises(ShapeMismatchError, match=f"crops {2 * SIZE} x {2 * SIZE} pixels"):
+        runtime.check_pack(path)
+    refused(runtime, signing_key, path, ShapeMismatchError)
+
+
+# --- the CLI edge -----------------------------------------------------------------------------
+def test_run_refuses_a_nan_pack_with_one_line_and_valid_json(base_dir, key_dir, signing_key, tmp_path):
+    runtime = Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+    path = make_pack(tmp_path / "hostile.kmp", runtime.base, signing_key)
+    from device_runtime import packformat
+
+    body = _body_of(packformat.read_pack(path.read_bytes(), runtime.trusted_keys))
+    body["head"]["bias"] = np.full_like(body["head"]["bias"], 3e38)
+    body["head"]["weight"] = np.full_like(body["head"]["weight"], 3e38)
+    path.write_bytes(packformat.build_pack(body, signing_key))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (SIZE, SIZE), (1, 2, 3)).save(image)
+    for extra in ([], ["--json"]):
+        result = subprocess.run([KM_EDGE, "run", "--pack", path, "--base", base_dir, "--pubkey",
+                                 key_dir / "signing.pub", image, *extra],
+                                capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("km-edge: error:") and "not finite" in lines[0]
+        if extra:  # strict JSON: a bare NaN or Infinity would raise here
+            error = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(name))
+            assert error["exit_code"] == 2 and "hostile.kmp" in error["error"]
+        else:
+            assert result.stdout == ""  # no predictions printed
+
+
+def test_json_output_never_holds_nan():
+    from km_edge.cli import _emit
+
+    with pytest.raises(KmEdgeError, match="not finite"):
+        _emit({"probability": float("nan")}, True)
+
+
+def test_printed_labels_and_task_names_are_escaped_and_cut(base_dir, key_dir, signing_key, tmp_path):
+    runtime = Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+    from device_runtime import packformat
+
+    body = _body_of(packformat.read_pack(
+        make_pack(tmp_path / "p.kmp", runtime.base, signing_key).read_bytes(), runtime.trusted_keys))
+    body["labels"] = ["ant\x1b[31mRED", "bee\nfake line", "c" * 5000]
+    body["task"] = "t" * 100_000
+    path = tmp_path / "labels.kmp"
+    try:
+        path.write_bytes(packformat.build_pack(body, signing_key))
+    except ValueError:
+        pytest.skip("the writer refuses such labels itself")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (SIZE, SIZE), (1, 2, 3)).save(image)
+    result = subprocess.run([KM_EDGE, "run", "--pack", path, "--base", base_dir, "--pubkey",
+                             key_dir / "signing.pub", image, "--top-k", "3"],
+                            capture_output=True, text=True)
+    if result.returncode == 2 and "label" in result.stderr:
+        pytest.skip("the reader refuses such labels itself")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\\x1b[31mRED" in result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1 and "\\x0a" in result.stdout
+    assert "c" * 5000 not in result.stdout and "more characters" in result.stdout
+    verify = subprocess.run([KM_EDGE, "verify", path, "--base", base_dir, "--pubkey",
+                             key_dir / "signing.pub"], capture_output=True, text=True)
+    assert verify.returncode == 0 and len(verify.stdout) < 1000 and "t" * 1000 not in verify.stdout
+
+
+def test_eval_text_output_lists_unreadable_images(base_dir, key_dir, signing_key, tmp_path):
+    runtime = Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+    path = make_pack(tmp_path / "p.kmp", runtime.base, signing_key)
+    folder = tmp_path / "val" / "ant"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (SIZE, SIZE), (1, 2, 3)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    result = subprocess.run([KM_EDGE, "eval", "--pack", path, tmp_path / "val", "--base", base_dir,
+                             "--pubkey", key_dir / "signing.pub"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "on 1 images" in result.stdout
+    assert "1 unreadable images skipped" in result.stdout and "broken.png" in result.stdout
