@@ -42,6 +42,7 @@ __all__ = ["PackCatalog", "ServedPack", "Refusal", "TaskNotFound", "TaskRefused"
 
 log = logging.getLogger(__name__)
 PACK_SUFFIX = ".kmp"
+MAX_NAME_SHOWN = 80  # characters of a requested task name echoed in an error
 
 # Refusal reason labels (the `reason` label of km_edge_pack_refusals_total), most specific first.
 REFUSAL_REASONS = (
@@ -173,7 +174,7 @@ class PackCatalog:
         if refused:
             latest = max(refused, key=lambda r: r.at)
             raise TaskRefused(f"task {task!r} is not loaded: {latest.message}", latest.reason)
-        raise TaskNotFound(f"no task {task!r} is loaded (GET /v1/tasks lists them)")
+        raise TaskNotFound(f"no task {task[:MAX_NAME_SHOWN]!r} is loaded (GET /v1/tasks lists them)")
 
     def session(self, task: str) -> tuple[ServedPack, LoadedPack]:
         """The task's current pack and a live session for it (rebuilt here after an eviction)."""
