@@ -1,7 +1,11 @@
-# The km-edge device image: the plain install (no torch) with `km-edge` as the entrypoint.
+# The km-edge device image: the plain install (no torch) plus the [serve] extra, `km-edge` as the
+# entrypoint.
 #   docker buildx build --platform linux/arm64 -t km-edge:device .
-#   docker run --rm -v "$PWD:/work" km-edge:device run --pack packs/letters.kmp image.png
+#   docker run --rm -v "$PWD:/work" -v km-edge-state:/var/lib/km-edge km-edge:device run --pack packs/letters.kmp image.png
+#   docker run -d -p 127.0.0.1:8080:8080 -v "$PWD:/work:ro" -v km-edge-state:/var/lib/km-edge \
+#       km-edge:device serve --host 0.0.0.0 --packs /work/packs --token-file /work/token
 # /work is expected to hold base/ and keys/signing.pub (or set KM_EDGE_BASE / KM_EDGE_PUBKEY).
+# The anti-rollback state lives in the /var/lib/km-edge volume so it survives new containers.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -14,12 +18,15 @@ WORKDIR /opt/km-edge
 COPY pyproject.toml README.md ./
 COPY device_runtime/ device_runtime/
 COPY km_edge/ km_edge/
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[serve]" \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
     && km-edge --help > /dev/null
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin km-edge \
-    && mkdir -p /work && chown km-edge:km-edge /work
+    && mkdir -p /work /var/lib/km-edge && chown km-edge:km-edge /work /var/lib/km-edge
+ENV KM_EDGE_STATE=/var/lib/km-edge/rollback.json
+VOLUME ["/var/lib/km-edge"]
+EXPOSE 8080
 USER km-edge
 WORKDIR /work
 

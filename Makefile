@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-arm64 bench-transfer bench-transfer-quick clean
+.PHONY: demo test test-fast test-arm64 bench-transfer bench-transfer-quick bench-serve clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[train,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[train,serve,dev,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -35,6 +35,9 @@ bench-transfer: $(STAMP)
 
 bench-transfer-quick: $(STAMP)
 	$(BIN)/python benchmarks/transfer.py --quick --out benchmarks/results/quick
+
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf demo-work .pytest_cache

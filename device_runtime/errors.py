@@ -43,6 +43,14 @@ class DowngradeError(PackError):
     """A pack older than one already loaded for the same task."""
 
 
+class RollbackError(DowngradeError):
+    """A pack older than the version this device recorded as accepted (persistent state)."""
+
+
+class NotNewerError(PackError):
+    """A hot update whose version is not above the version being served (equal or older)."""
+
+
 class PackLimitError(PackError):
     """A signed pack asks for more than the runtime allows (sizes, work; see device_runtime.limits)."""
 
@@ -66,6 +74,10 @@ class ImageError(KmEdgeError):
 
 class DataError(KmEdgeError):
     """A dataset folder is missing, empty or malformed."""
+
+
+class StateError(KmEdgeError):
+    """The device's anti-rollback state file is unreadable, corrupt or cannot be written."""
 
 
 class ConfigError(KmEdgeError):

@@ -47,29 +47,33 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _refuse_size(path, width: int, height: int) -> None:
-    if width * height > MAX_IMAGE_PIXELS:
+def _refuse_size(label, width: int, height: int, limit: int = MAX_IMAGE_PIXELS) -> None:
+    if width * height > limit:
         raise ImageError(
-            f"{path}: image of {width} x {height} pixels is larger than the "
-            f"{MAX_IMAGE_PIXELS:,} pixels the runtime decodes (refused before decoding)"
+            f"{label}: image of {width} x {height} pixels is larger than the "
+            f"{limit:,} pixels the runtime decodes (refused before decoding)"
         )
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path, *, max_pixels: int | None = None, label: str | None = None) -> Image.Image:
     """Open, check the size, fully decode, apply the EXIF orientation and convert to RGB.
 
+    ``path`` is a file name or a binary file object (``label`` then names it in messages);
+    ``max_pixels`` lowers the pixel limit (``MAX_IMAGE_PIXELS``) for this image, e.g. a server's.
     Raises :class:`ImageError` ("FILE: cannot read image (reason)") for a missing, truncated,
     corrupt or non-image file, and ("FILE: image of W x H pixels is larger than ...") for an image
-    with more than ``MAX_IMAGE_PIXELS`` pixels, decided from the header alone. Decoding happens
+    with more than the limit of pixels, decided from the header alone. Decoding happens
     here, so later steps never meet a bad file.
     """
+    label = label or str(path)
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else min(int(max_pixels), MAX_IMAGE_PIXELS)
     try:
         with warnings.catch_warnings():
             # our own limit is lower and refuses; Pillow's warning would only be noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             opened = Image.open(path)
         with opened:
-            _refuse_size(path, *opened.size)
+            _refuse_size(label, *opened.size, limit)
             opened.load()
             upright = ImageOps.exif_transpose(opened)
             return to_rgb(upright)
@@ -77,11 +81,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise
     except Image.DecompressionBombError:  # above Pillow's hard limit: refused by Pillow's header check
         raise ImageError(
-            f"{path}: image is larger than the {MAX_IMAGE_PIXELS:,} pixels the runtime decodes "
+            f"{label}: image is larger than the {limit:,} pixels the runtime decodes "
             "(refused before decoding)"
         ) from None
     except Exception as exc:  # Pillow raises many types for corrupt data; all are bad input
-        raise ImageError(f"{path}: cannot read image ({_reason(exc)})") from None
+        reason = _reason(exc)
+        if not isinstance(path, (str, os.PathLike)):  # Pillow names a file object by its repr
+            reason = reason.replace(repr(path), repr(label))
+        raise ImageError(f"{label}: cannot read image ({reason})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

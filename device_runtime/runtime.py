@@ -5,6 +5,8 @@
 manifest, and it is not older than a pack already loaded for the same task. All checks run before
 anything is built, so a refused pack leaves the active one untouched. Kernels are rebuilt once per
 load; sessions are cached by the pack file's sha256 so switching back to a recent task is cheap.
+Given a ``rollback.RollbackState``, the "not older" rule also holds across processes and restarts:
+a pack older than the version the device recorded is refused, and every activated pack is recorded.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .imagefolder import list_image_folder
 from .packformat import read_pack, read_pack_file
 from .preprocess import check_spec, load_image, neutral_batch, preprocess
 
-__all__ = ["Runtime", "LoadedPack"]
+__all__ = ["Runtime", "LoadedPack", "top_predictions"]
 
 
 @dataclass
@@ -51,6 +53,29 @@ class LoadedPack:
     @property
     def labels(self) -> list[str]:
         return list(self.pack.labels)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """(N, n_labels) float32: this pack's head on (N, F) pooled features, checked finite.
+        Reads only, so several threads may share one LoadedPack (onnxruntime sessions are
+        thread-safe too)."""
+        head = self.pack.head
+        weight = np.asarray(head["weight"], dtype=np.float32)
+        bias = np.asarray(head["bias"], dtype=np.float32)
+        with np.errstate(all="ignore"):
+            scores = features @ weight.T + bias
+        limits.check_finite_scores(self.path.name, scores)
+        return scores
+
+
+def top_predictions(logits: np.ndarray, labels: list[str], top_k: int) -> list[list[dict]]:
+    """Per row of (N, n_labels) logits: the ``top_k`` most probable labels (softmax), best first,
+    as ``{"label", "index", "probability"}``; ``top_k`` is clamped to [1, n_labels]."""
+    top_k = max(1, min(int(top_k), len(labels)))
+    rows = []
+    for row in _softmax(logits):
+        order = np.argsort(-row, kind="stable")[:top_k]
+        rows.append([{"label": labels[i], "index": int(i), "probability": float(row[i])} for i in order])
+    return rows
 
 
 class _Stopwatch:
@@ -91,8 +116,9 @@ class Runtime:
 
     def __init__(self, base_dir: str | os.PathLike, trusted_keys: Mapping[str, object],
                  backend: str = "ort", threads: int | None = None, verify_base: bool = True,
-                 cache_size: int = 4):
+                 cache_size: int = 4, rollback=None):
         self.base = Base.open(base_dir, verify=verify_base)
+        self.rollback = rollback  # a rollback.RollbackState, or None: no persistent record
         self.trusted_keys = dict(trusted_keys)
         self.backend_name = backend
         self.threads = threads
@@ -116,13 +142,16 @@ class Runtime:
         # sizes and work relative to the base, from shapes alone: nothing allocated yet
         limits.check_rebuild_budget(path.name, pack.layers, self.base.conv_shapes)
 
-    def load_pack(self, path: str | os.PathLike) -> LoadedPack:
-        """Verify, check and activate the pack at ``path``; raises a PackError subclass if refused."""
+    def load_pack(self, path: str | os.PathLike, data: bytes | None = None) -> LoadedPack:
+        """Verify, check and activate the pack at ``path``; raises a PackError subclass if refused.
+
+        ``data``: the pack's bytes when the caller already read them (``path`` then only names it).
+        """
         path = Path(path)
         self.base.check_unchanged()  # the files onnxruntime reads are still the ones verified
         timings: dict[str, float] = {}
         with _Stopwatch(timings, "verify"):
-            data = read_pack_file(path)
+            data = read_pack_file(path) if data is None else bytes(data)
             digest = hashlib.sha256(data).hexdigest()
             cached = self._cache.get(digest)
             # identical bytes were verified and checked against this base when first loaded
@@ -157,6 +186,8 @@ class Runtime:
 
     def _activate(self, loaded: LoadedPack) -> LoadedPack:
         task, version = loaded.pack.task, int(loaded.pack.pack_version)
+        if self.rollback is not None:
+            self.rollback.record(loaded.pack)
         self._newest_version[task] = max(version, self._newest_version.get(task, version))
         self.active = loaded
         return loaded
@@ -168,6 +199,8 @@ class Runtime:
                 f"{path.name}: pack version {pack.pack_version} of task {pack.task!r} is older than "
                 f"version {newest} already loaded"
             )
+        if self.rollback is not None:
+            self.rollback.check(pack, path.name)
 
     def _check_base(self, path: Path, pack) -> None:
         if pack.base_id != self.base.base_id:
@@ -260,8 +293,12 @@ class Runtime:
     @property
     def preprocess_spec(self) -> dict:
         """The active pack's preprocessing (what its head was validated with), else the base's."""
-        if self.active is not None and self.active.pack.preprocess:
-            return self.active.pack.preprocess
+        return self.preprocess_spec_for(self.active)
+
+    def preprocess_spec_for(self, loaded: LoadedPack | None) -> dict:
+        """``loaded``'s preprocessing, else the base's."""
+        if loaded is not None and loaded.pack.preprocess:
+            return loaded.pack.preprocess
         return self.base.preprocess
 
     def features(self, batch: np.ndarray) -> np.ndarray:
@@ -270,13 +307,7 @@ class Runtime:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(N, n_labels) float32: the pack's head on the features."""
-        head = self._require_pack().pack.head
-        weight = np.asarray(head["weight"], dtype=np.float32)
-        bias = np.asarray(head["bias"], dtype=np.float32)
-        with np.errstate(all="ignore"):
-            scores = self.features(batch) @ weight.T + bias
-        limits.check_finite_scores(self.active.path.name, scores)
-        return scores
+        return self._require_pack().logits(self.features(batch))
 
     def _load_batch(self, paths: list, timings: dict) -> tuple[list[int], np.ndarray, dict]:
         """Decode and preprocess; returns (indices of good images, batch, {index: error line})."""
@@ -304,28 +335,22 @@ class Runtime:
         and the others are still predicted."""
         loaded = self._require_pack()
         labels = loaded.labels
-        top_k = max(1, min(int(top_k), len(labels)))
         paths = list(paths)
         timings = self._reset_request_timings(loaded)
         results: list[dict] = []
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             good, batch, errors = self._load_batch(chunk, timings)
-            probabilities = np.zeros((0, len(labels)))
+            ranked = []
             if len(good):
                 with _Stopwatch(timings, "infer", accumulate=True):
-                    probabilities = _softmax(self.logits(batch))
-            rows = dict(zip(good, probabilities))
+                    ranked = top_predictions(self.logits(batch), labels, top_k)
+            rows = dict(zip(good, ranked))
             for index, path in enumerate(chunk):
                 if index in errors:
                     results.append({"image": str(path), "error": errors[index]})
-                    continue
-                row = rows[index]
-                order = np.argsort(-row, kind="stable")[:top_k]
-                results.append({"image": str(path), "top": [
-                    {"label": labels[i], "index": int(i), "probability": float(row[i])}
-                    for i in order
-                ]})
+                else:
+                    results.append({"image": str(path), "top": rows[index]})
         return results
 
     def evaluate(self, folder: str | os.PathLike, batch_size: int = 64,

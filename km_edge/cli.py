@@ -1,7 +1,8 @@
 """The ``km-edge`` command line.
 
-Device commands (run, eval, verify, inspect) import only ``device_runtime``, so the CLI starts on a
-device install without torch; host commands import torch lazily inside their bodies. Every command
+Device commands (run, eval, verify, inspect, serve) import only ``device_runtime``, so the CLI starts
+on a device install without torch; host commands import torch lazily inside their bodies, and serve
+imports its HTTP stack only inside its body. Every command
 takes ``--json``; user errors print one line and exit 2, internal failures exit 1.
 """
 
@@ -129,11 +130,26 @@ def _default_pubkeys(pubkeys):
     return [os.environ.get("KM_EDGE_PUBKEY") or "keys/signing.pub"]
 
 
-def _runtime(base_dir, pubkeys, backend="ort", threads=None):
+def _runtime(base_dir, pubkeys, backend="ort", threads=None, rollback=None, **extra):
     from device_runtime.keys import load_trusted_keys
     from device_runtime.runtime import Runtime
 
-    return Runtime(_default_base_dir(base_dir), load_trusted_keys(_default_pubkeys(pubkeys)), backend=backend, threads=threads)
+    return Runtime(_default_base_dir(base_dir), load_trusted_keys(_default_pubkeys(pubkeys)), backend=backend,
+                   threads=threads, rollback=rollback, **extra)
+
+
+def _rollback_state(state_path):
+    """The device's anti-rollback state (device_runtime.rollback), checked readable now."""
+    from device_runtime.rollback import RollbackState, default_state_path
+
+    state = RollbackState(state_path or default_state_path())
+    state.highest()  # a corrupt file is refused before anything else happens
+    return state
+
+
+state_option = click.option(
+    "--state", "state_path", type=click.Path(dir_okay=False),
+    help="Anti-rollback state file [KM_EDGE_STATE or ~/.local/state/km-edge/rollback.json].")
 
 
 device_options = [
@@ -344,9 +360,10 @@ def _next_pack_version(path: Path, pubkey: Path) -> int:
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
-def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, as_json):
+@state_option
+def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, state_path, as_json):
     """Predict labels (top-k) for images on the device runtime."""
-    runtime = _runtime(base_dir, pubkeys, backend, threads)
+    runtime = _runtime(base_dir, pubkeys, backend, threads, rollback=_rollback_state(state_path))
     loaded = runtime.load_pack(pack_path)
     predictions = runtime.predict(list(images), top_k=top_k)
     pack = loaded.pack
@@ -378,9 +395,10 @@ def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, as_js
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
-def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threads, as_json):
+@state_option
+def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threads, state_path, as_json):
     """Accuracy of a pack on a labelled ImageFolder split, on the device runtime."""
-    runtime = _runtime(base_dir, pubkeys, backend, threads)
+    runtime = _runtime(base_dir, pubkeys, backend, threads, rollback=_rollback_state(state_path))
     loaded = runtime.load_pack(pack_path)
     result = runtime.evaluate(directory, batch_size=batch_size, progress=not as_json)
     result["timings_ms"] = {k: round(v, 3) for k, v in loaded.timings_ms.items()}
@@ -395,19 +413,24 @@ def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threa
 @command(main, "verify")
 @click.argument("pack_path", type=click.Path())
 @with_options(device_options)
-def verify_cmd(pack_path, base_dir, pubkeys, as_json):
-    """Check a pack's signature, key, format and (where the base is here) its base and shapes."""
+@state_option
+def verify_cmd(pack_path, base_dir, pubkeys, state_path, as_json):
+    """Check a pack's signature, key, format, anti-rollback state and (where the base is here) its
+    base and shapes. Records nothing."""
     from device_runtime.keys import load_trusted_keys
     from device_runtime.packformat import read_pack
 
+    rollback = _rollback_state(state_path)
     base = _default_base_dir(base_dir)
     if (base / "manifest.json").exists():
         loaded = _runtime(base_dir, pubkeys).check_pack(pack_path)
         pack, checked_base = loaded, True
     else:
         pack, checked_base = read_pack(pack_path, load_trusted_keys(_default_pubkeys(pubkeys))), False
+    rollback.check(pack, Path(pack_path).name)
     report = {"pack": str(pack_path), "ok": True, "task": pack.task, "version": pack.pack_version,
-              "key_id": pack.key_id, "base_id": pack.base_id, "base_checked": checked_base}
+              "key_id": pack.key_id, "base_id": pack.base_id, "base_checked": checked_base,
+              "recorded_version": rollback.recorded(pack.task, pack.key_id)}
     _emit(report, as_json, f"{printable(pack_path)}: OK (task {printable(pack.task)}, v{pack.pack_version}, key {pack.key_id}"
           + (", matches base)" if checked_base else "; base not checked: no base dir)"))
 
@@ -451,3 +474,114 @@ def demo_cmd(workdir, tasks, epochs, as_json):
                     log=(lambda msg: None) if as_json else click.echo)
     if as_json:
         _emit(rows, True)
+
+
+# --- serving ---------------------------------------------------------------------------------------
+MAX_TOKEN_FILE_BYTES = 4096
+
+
+def _read_token(path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            token = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"--token-file {path}: cannot read ({exc.strerror or exc})") from None
+    token = token.strip()
+    if not token or len(token) > MAX_TOKEN_FILE_BYTES or b"\n" in token:
+        raise ConfigError(f"--token-file {path}: must hold one non-empty line (the bearer token)")
+    return token
+
+
+def _provider_arguments(provider) -> dict:
+    """``--provider`` for the Runtime, if this Runtime takes an execution-provider choice."""
+    if not provider:
+        return {}
+    import inspect
+
+    from device_runtime.runtime import Runtime
+
+    if "provider" not in inspect.signature(Runtime).parameters:
+        raise ConfigError("--provider: this Runtime takes no execution-provider choice; drop the flag")
+    return {"provider": provider}
+
+
+@command(main, "serve")
+@with_options(device_options)
+@click.option("--packs", "packs_dir", type=click.Path(file_okay=False),
+              help="Folder of task packs, polled for updates [KM_EDGE_PACKS or ./packs].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: all).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--cache-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Tasks keeping a built session; others are rebuilt on their next request.")
+@click.option("--provider", default=None, help="onnxruntime execution provider, passed to the Runtime.")
+@click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads per session.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Inference threads.")
+@click.option("--queue-size", default=16, show_default=True, type=click.IntRange(0, 4096),
+              help="Requests that may wait for a worker; beyond it: 503 + Retry-After.")
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="File with a bearer token required on every endpoint except /healthz.")
+@state_option
+@click.option("--poll-interval", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between scans of the packs folder.")
+@click.option("--keep-removed", is_flag=True, help="Keep serving a task whose pack file was removed.")
+@click.option("--max-body-mb", default=20.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Largest request body (MiB).")
+@click.option("--max-images", default=32, show_default=True, type=click.IntRange(1, 1024),
+              help="Images per request.")
+@click.option("--max-pixels", default=25_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Pixels per image, checked from its header before decoding.")
+@click.option("--shutdown-timeout", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Seconds requests in flight get to finish after SIGTERM.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--access-log", is_flag=True, help="Log every request.")
+def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, provider, backend, threads, workers,
+              queue_size, token_file, state_path, poll_interval, keep_removed, max_body_mb, max_images,
+              max_pixels, shutdown_timeout, log_level, access_log, as_json):
+    """Serve every task pack in a folder over HTTP; new pack versions are swapped in while serving."""
+    import logging
+
+    try:
+        import uvicorn  # noqa: F401 - only checked here; device_runtime.serve.server runs it
+
+        from device_runtime.serve import server
+        from device_runtime.serve.app import ServeOptions, build_app
+        from device_runtime.serve.catalog import PackCatalog
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"'serve' needs {exc.name}: pip install 'km-edge[serve]'") from None
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("km_edge.serve")
+    packs = Path(packs_dir or os.environ.get("KM_EDGE_PACKS") or "packs")
+    if not packs.is_dir():
+        raise ConfigError(f"--packs {packs}: no such folder; create it or point --packs at your packs")
+    token = _read_token(token_file) if token_file else None
+    rollback = _rollback_state(state_path)
+    # the catalog keeps its own session cache; the Runtime's holds only the latest build
+    runtime = _runtime(base_dir, pubkeys, backend, threads, rollback=rollback, cache_size=1,
+                       **_provider_arguments(provider))
+    options = ServeOptions(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
+                           workers=workers, queue_size=queue_size, token=token)
+    catalog = PackCatalog(runtime, packs, cache_size=cache_size, unload_removed=not keep_removed)
+    app = build_app(catalog, options, polling_interval_s=poll_interval)
+    catalog.scan()
+    try:
+        sock = server.bind(host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    bound_host, bound_port = sock.getsockname()[:2]
+    url = f"http://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --token-file: anyone who reaches it can use it", host)
+    ready = {"listening": url, "base_id": runtime.base.base_id, "state": str(rollback.path),
+             "tasks": {s.task: s.version for s in catalog.served()},
+             "refused": [r.describe() for r in catalog.refusals()]}
+    tasks = ", ".join(f"{t} v{v}" for t, v in ready["tasks"].items()) or "none yet"
+    click.echo(json.dumps(ready) if as_json else f"km-edge serve: listening on {url} (tasks: {tasks})")
+    sys.stdout.flush()
+    started = server.run(app, sock, log_level=log_level, access_log=access_log, shutdown_timeout_s=shutdown_timeout,
+                         limit_concurrency=max(64, 4 * options.capacity))
+    if not started:
+        raise click.ClickException("server failed to start (see the log above)")
+    log.info("stopped")

@@ -73,6 +73,19 @@ def run_cli(*args, cwd, check: bool = False, env: dict | None = None) -> subproc
     return result
 
 
+@pytest.fixture(scope="session", autouse=True)
+def device_state_file(tmp_path_factory) -> Path:
+    """Device commands record accepted pack versions (anti-rollback); never in the tester's home."""
+    path = tmp_path_factory.mktemp("device-state") / "rollback.json"
+    previous = os.environ.get("KM_EDGE_STATE")
+    os.environ["KM_EDGE_STATE"] = str(path)  # inherited by every CLI the tests start
+    yield path
+    if previous is None:
+        os.environ.pop("KM_EDGE_STATE", None)
+    else:
+        os.environ["KM_EDGE_STATE"] = previous
+
+
 @pytest.fixture(scope="session")
 def demo_project(tmp_path_factory) -> DemoProject:
     from device_runtime.keys import generate_keypair
