@@ -7,6 +7,7 @@ onnxruntime, head) in seconds. ``test_serve_real_pack`` checks the same server o
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -26,6 +27,16 @@ from device_runtime.keys import generate_keypair, load_private_key
 
 KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
 START_TIMEOUT_S = 60
+_STARTED: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """A test that failed before stopping its server must not leave it running."""
+    for process in _STARTED:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
 
 
 @dataclass
@@ -153,6 +164,7 @@ def start_server(device: Device, *args, token: str | None = None, state: Path | 
     with open(log_path, "w") as log:  # a file, not a pipe: a chatty server must never block on it
         process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=log, text=True,
                                    cwd=device.root, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _STARTED.append(process)
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
     reader.start()
