@@ -441,11 +441,12 @@ def inspect_cmd(pack_path, pubkeys, as_json):
 @click.option("--workdir", default="demo-work", show_default=True, type=click.Path(file_okay=False))
 @click.option("--tasks", default="letters,shapes,textures", show_default=True, help="Target tasks to pack.")
 @click.option("--epochs", default=None, type=int, help="Training epochs per task [demo default].")
-def demo_cmd(workdir, tasks, epochs, as_json):
-    """The whole flow on built-in demo data, offline, in minutes."""
+@click.option("--input-size", default=None, type=int, help="Base input size [demo default, 64].")
+def demo_cmd(workdir, tasks, epochs, input_size, as_json):
+    """The whole flow offline, in minutes, on the real ImageNet EfficientNet-Lite0 base."""
     from .demo import run_demo
 
-    rows = run_demo(workdir, [t for t in tasks.split(",") if t], epochs=epochs, progress=not as_json,
-                    log=(lambda msg: None) if as_json else click.echo)
+    rows = run_demo(workdir, [t for t in tasks.split(",") if t], epochs=epochs, input_size=input_size,
+                    progress=not as_json, log=(lambda msg: None) if as_json else click.echo)
     if as_json:
         _emit(rows, True)
