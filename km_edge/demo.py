@@ -33,9 +33,12 @@ from .train import load_checkpoint, restore_task_model, train_task
 DEMO_SEED = 0
 DEMO_ARCH, DEMO_WEIGHTS = "efficientnet_lite0", "imagenet"
 DEMO_INPUT_SIZE = 64  # lite0 at 64 px (resize 73, crop 64): the demo's 40 px images, minutes on 2 cores
-TASK_EPOCHS = 4
+TASK_EPOCHS = 6
 BATCH_SIZE = 32
-BASELINE = "head"  # the comparison column: a linear head on the frozen ImageNet features
+# KM as the project default, except BatchNorm stays frozen: on this ImageNet base and step budget,
+# training BatchNorm cost accuracy (letters, 64 px, 4 epochs: 0.812 with, 0.929 without).
+DEMO_KM_OPTIONS = {"train_bn": False}
+BASELINE = "head"  # the comparison column: a linear head on the frozen ImageNet features, same steps
 
 TABLE_COLUMNS = [  # key, header, format
     ("task", "task", "{}"),
@@ -80,8 +83,8 @@ def run_demo(
         log(f"[1/6] demo data already in {data}")
 
     base_spec = {"arch": DEMO_ARCH, "weights": DEMO_WEIGHTS, "input_size": input_size}
-    (work / CONFIG_FILE).write_text(render_config(DEMO_ARCH, DEMO_WEIGHTS, input_size,
-                                                  {t: {"data": f"data/{t}"} for t in tasks}))
+    task_tables = {t: {"data": f"data/{t}", "epochs": int(epochs or TASK_EPOCHS), **DEMO_KM_OPTIONS} for t in tasks}
+    (work / CONFIG_FILE).write_text(render_config(DEMO_ARCH, DEMO_WEIGHTS, input_size, task_tables))
     base = build_base(**base_spec)
     manifest = export_base(base, work / "base")
     log(f"[2/6] exported the ImageNet EfficientNet-Lite0 base ({base.num_params():,} params, "
@@ -93,12 +96,13 @@ def run_demo(
     log(f"[3/6] signing key in {keys}")
 
     options = dict(TRAIN_DEFAULTS, epochs=epochs or TASK_EPOCHS, batch_size=BATCH_SIZE, device="cpu", seed=DEMO_SEED)
+    km_options = dict(options, **DEMO_KM_OPTIONS)
     runtime = Runtime(work / "base", load_trusted_keys([keys / "signing.pub"]))
     rows = []
     for task in tasks:
         log(f"[4/6] {task}: training KM and packing; training the head-only baseline")
         checkpoint_path = work / "checkpoints" / f"{task}.pt"
-        trained = train_task(task, data / task, base_spec, options, checkpoint_path, progress=progress)
+        trained = train_task(task, data / task, base_spec, km_options, checkpoint_path, progress=progress)
         checkpoint = load_checkpoint(checkpoint_path)
         packed = write_task_pack(checkpoint, work / "base", keys / "signing.key", work / "packs" / f"{task}.kmp")
         baseline = train_task(task, data / task, base_spec, dict(options, method=BASELINE),

@@ -76,3 +76,20 @@ def test_exported_lite0_on_onnxruntime_gives_the_same_classes(lite0, photos, tmp
     with torch.no_grad():
         host = lite0.backbone(torch.from_numpy(photos)).numpy()
     np.testing.assert_allclose(features, host, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_demo_on_the_real_base_gives_device_accuracy_equal_to_host(tmp_path):
+    """`km-edge demo` in small: one task, one epoch, on the ImageNet Lite0 base."""
+    from km_edge.demo import format_table, run_demo
+
+    lines = []
+    rows = run_demo(tmp_path, tasks=["shapes"], epochs=1, progress=False, log=lines.append)
+    (row,) = rows
+    assert row["device_accuracy"] == pytest.approx(row["host_val_accuracy"], abs=1e-12)
+    assert row["max_logit_diff"] <= 1e-4
+    assert 0.0 <= row["head_only_accuracy"] <= 1.0
+    assert (tmp_path / "packs" / "shapes.kmp").is_file()
+    assert "head-only acc" in format_table(rows) and any("ImageNet EfficientNet-Lite0" in line for line in lines)
+    manifest = Base.open(tmp_path / "base").manifest
+    assert manifest["arch"] == "efficientnet_lite0" and manifest["weights"] == "imagenet"
