@@ -349,9 +349,11 @@ def write_demo_data(
     image_size: int = 40,
     scale: float = 1.0,
     progress: bool = False,
+    tasks: tuple[str, ...] | list[str] | None = None,
 ) -> dict:
     """Writes root/<task>/train/<class>/NNNN.png and root/<task>/val/<class>/NNNN.png for the
-    source task and every target task; returns {task: {"classes": [...], "train": n, "val": n}}.
+    source task and every target task (or only ``tasks``); returns {task: {"classes": [...],
+    "train": n, "val": n}}. A task's images do not depend on which other tasks are written.
 
     ``train``/``val`` are per-class counts. An existing root/<task> is replaced: each task is
     written to a hidden sibling folder first and swapped in, so an interrupted run never
@@ -370,12 +372,16 @@ def write_demo_data(
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    plan = {task: {"train": _count(spec.train, scale), "val": _count(spec.val, scale)} for task, spec in TASKS.items()}
+    unknown = sorted(set(tasks or ()) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown demo task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    chosen = {task: spec for task, spec in TASKS.items() if tasks is None or task in tasks}
+    plan = {task: {"train": _count(spec.train, scale), "val": _count(spec.val, scale)} for task, spec in chosen.items()}
     total = sum((c["train"] + c["val"]) * len(TASKS[t].classes) for t, c in plan.items())
 
     summary: dict[str, dict] = {}
     with tqdm(total=total, disable=not progress, desc="demo data", unit="img") as bar:
-        for task, spec in TASKS.items():
+        for task, spec in chosen.items():
             final = root / task
             tmp = root / f".{task}.partial"
             if tmp.exists():
