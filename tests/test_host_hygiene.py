@@ -55,6 +55,10 @@ def test_task_name_cannot_leave_the_project(project, tmp_path, command, name):
 
 
 def test_unwritable_destination_is_exit_2(project):
+    from km_edge.config import random_base_name
+    from km_edge.models import create_random_base
+
+    create_random_base(project / "bases" / random_base_name("demo"), "demo", 32)  # as a first build would
     (project / "in-the-way").write_text("a file where a folder should be")
     refuse(project, "export-base", "--arch", "demo", "--weights", "none",
            "--out", "in-the-way/base", words=("in-the-way", "cannot write"))
