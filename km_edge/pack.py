@@ -7,13 +7,11 @@ from pathlib import Path
 from device_runtime.basefiles import Base
 from device_runtime.errors import BaseMismatchError, CheckpointError
 from device_runtime.keys import load_private_key
-from device_runtime.packformat import build_pack, write_pack
+from device_runtime.pack import BN_TENSORS, BnEntry, build_pack, write_pack
 
 from .adapters import adapters_of
 from .methods import PACKABLE_METHODS, batchnorms
 from .train import restore_task_model
-
-BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def task_tensors(model, config) -> dict:
@@ -23,10 +21,10 @@ def task_tensors(model, config) -> dict:
     if config.trains_bn:
         named = {id(m): n for n, m in model.backbone.named_modules()}
         for module in batchnorms(model.backbone):
-            bn.append({
-                "name": named[id(module)],
-                "tensors": {t: getattr(module, t).detach().cpu().numpy() for t in BN_TENSORS},
-            })
+            bn.append(BnEntry(
+                name=named[id(module)],
+                tensors={t: getattr(module, t).detach().cpu().numpy() for t in BN_TENSORS},
+            ))
     head = {"weight": model.head.weight.detach().cpu().numpy(), "bias": model.head.bias.detach().cpu().numpy()}
     return {"layers": layers, "head": head, "bn": bn}
 
@@ -67,9 +65,11 @@ def write_task_pack(
     out_path: str | Path,
     pack_version: int = 1,
     storage_dtype: str = "float32",
+    expires: str | None = None,
 ) -> dict:
+    """Sign the checkpoint's pack (valid until ``expires``, a UTC time, if given) and write it."""
     base_files = Base.open(base_dir, verify=True)
-    body = pack_body(checkpoint, base_files, pack_version)
+    body = {**pack_body(checkpoint, base_files, pack_version), "expires": expires}
     data = build_pack(body, load_private_key(signing_key), storage_dtype=storage_dtype)
     write_pack(out_path, data)
     total = int(base_files.manifest["graph_bytes"]) + int(base_files.manifest["weights_bytes"])
@@ -77,6 +77,7 @@ def write_task_pack(
         "task": body["task"],
         "pack": str(out_path),
         "pack_version": body["pack_version"],
+        "expires": expires,
         "method": body["method"],
         "storage_dtype": storage_dtype,
         "pack_bytes": len(data),
