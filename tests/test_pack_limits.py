@@ -128,6 +128,8 @@ HOSTILE = {
     "offset-unaligned": _set(("tensors", 1), [145, [4]]),
     "tensor-with-dtype": _set(("tensors", 0), [0, [9, 4], "float16"]),
     "storage-dtype-float64": _set(("storage_dtype",), "float64"),
+    "storage-dtype-map": _set(("storage_dtype",), {}),  # found by the fuzzer (was a TypeError)
+    "method-map": _set(("method",), {"km": 1}),
     # hidden sizes and records
     "kernel-hidden-huge": _set(("modulator", "kernel_hidden"), 10**6),
     "kernel-hidden-disagrees": _set(("modulator", "kernel_hidden"), 5),

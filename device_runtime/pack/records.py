@@ -403,7 +403,7 @@ class Pack:
         method, dtype = obj["method"], obj["storage_dtype"]
         if method not in METHODS:
             raise PackLimitError(f"method must be one of {METHODS}, got {show(method)}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise PackLimitError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {show(dtype)}")
         for name in ("layers", "bn", "tensors"):
             if not isinstance(obj[name], list):
