@@ -237,7 +237,7 @@ def test_fp16_pack_of_mobilenet_v2_is_at_most_55_percent_of_fp32():
     for name, conv in conv_layers(base.backbone):
         kind, d, h = spec.resolve(tuple(conv.weight.shape))
         tensors = {n: rng.normal(size=shape).astype(np.float32) for n, shape in modulator_shapes(d, h).items()}
-        layers.append({"name": name, "adapter": "km", "kind": kind, "activation": "relu", "scale": 0.1,
+        layers.append({"name": name, "adapter": "km", "kind": kind, "activation": spec.activation, "scale": 0.1,
                        "tensors": tensors})
     labels = [f"class{i}" for i in range(10)]
     body = {"task": "t", "pack_version": 1, "created": None, "base_id": "0" * 64, "labels": labels,

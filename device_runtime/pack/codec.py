@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from datetime import datetime, timezone
 
 import msgpack
@@ -18,9 +17,6 @@ import msgpack
 from ..errors import MalformedPackError, PackLimitError
 from .limits import MAX_STRING_BYTES, TIME_FORMAT
 
-# Character classes refused in every string of a pack: controls (incl. ESC, newline), format
-# characters (bidi overrides, zero-width), surrogates, private use, unassigned, line separators.
-_REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 _TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 
 
@@ -104,7 +100,7 @@ def check_text(value, where: str, max_chars: int, pattern: str | None = None,
         raise PackLimitError(f"{where} must not be empty")
     if len(value) > max_chars:
         raise PackLimitError(f"{where} is longer than {max_chars} characters ({show(value)})")
-    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in value):
+    if not value.isprintable():  # refuses Cc, Cf, Cs, Co, Cn, Zl, Zp and non-ASCII spaces
         raise PackLimitError(f"{where} has control or invisible characters: {show(value)}")
     if pattern is not None and not re.fullmatch(pattern, value):
         raise PackLimitError(f"{where} must match {pattern}, got {show(value)}")

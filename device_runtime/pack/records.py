@@ -65,20 +65,23 @@ _BASE_ID = re.compile(r"[0-9a-f]{64}")
 
 def _tensor(array, where: str, ndim: int) -> np.ndarray:
     """A finite float32 array of ``ndim`` non-empty dimensions, every |element| <= MAX_ABS_VALUE."""
-    try:
-        source = np.asarray(array)
-    except (TypeError, ValueError, OverflowError):
-        raise PackLimitError(f"{where} must be an array of numbers") from None
-    if source.dtype.kind not in "fiu":
-        raise PackLimitError(f"{where} must hold real numbers, got dtype {source.dtype}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(source, dtype=np.float32)
+    if isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.c_contiguous:
+        out = array  # what the reader decodes: no copy
+    else:
+        try:
+            source = np.asarray(array)
+        except (TypeError, ValueError, OverflowError):
+            raise PackLimitError(f"{where} must be an array of numbers") from None
+        if source.dtype.kind not in "fiu":
+            raise PackLimitError(f"{where} must hold real numbers, got dtype {source.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.ascontiguousarray(source, dtype=np.float32)
     if out.ndim != ndim or 0 in out.shape:
         raise PackLimitError(f"{where} must be a non-empty {ndim}-D tensor, got shape {list(out.shape)}")
-    if not np.isfinite(out).all():
-        raise PackLimitError(f"{where} has values that are not finite in float32")
-    if float(np.abs(out).max()) > MAX_ABS_VALUE:
-        raise PackLimitError(f"{where} has values beyond +-{MAX_ABS_VALUE:g}")
+    largest = float(np.max(np.abs(out)))
+    if not largest <= MAX_ABS_VALUE:  # also false for NaN
+        problem = "values that are not finite" if not np.isfinite(largest) else f"values beyond +-{MAX_ABS_VALUE:g}"
+        raise PackLimitError(f"{where} has {problem} in float32")
     return out
 
 
@@ -378,7 +381,9 @@ class Pack:
         return out
 
     def to_msgpack(self) -> dict:
-        entries, blob = encode_tensors(self.arrays(), self.storage_dtype)
+        # a pack that was read keeps its index and blob: decode_tensors checked that encoding its
+        # arrays gives back exactly these bytes, so they are not encoded a second time
+        entries, blob = getattr(self, "_encoded", None) or encode_tensors(self.arrays(), self.storage_dtype)
         body = {
             "format_version": self.format_version, "key_id": self.key_id, "task": self.task,
             "pack_version": self.pack_version, "created": self.created, "expires": self.expires,
@@ -428,7 +433,7 @@ class Pack:
 
         modulator = obj["modulator"]
         activation = modulator.get("activation") if isinstance(modulator, dict) and method == "km" else ""
-        return cls(
+        pack = cls(
             task=obj["task"], pack_version=obj["pack_version"], created=obj["created"],
             base_id=obj["base_id"], labels=obj["labels"], preprocess=obj["preprocess"],
             method=method, modulator=modulator, storage_dtype=dtype,
@@ -439,6 +444,8 @@ class Pack:
             metrics=obj["metrics"], trainer=obj["trainer"], expires=obj["expires"],
             key_id=obj["key_id"], format_version=obj["format_version"], n_bytes=n_bytes,
         )
+        object.__setattr__(pack, "_encoded", (entries, obj["data"]))
+        return pack
 
     # --- views ------------------------------------------------------------------------------
     @property

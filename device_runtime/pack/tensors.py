@@ -43,8 +43,10 @@ class TensorEntry:
             raise PackLimitError(
                 f"tensor shape must have 1 to {MAX_TENSOR_DIMS} dimensions, got {show(self.shape)}"
             )
-        for n in self.shape:
-            check_int(n, f"tensor shape {show(self.shape)} dimension", 1, MAX_DIM)
+        if not all(type(n) is int and 1 <= n <= MAX_DIM for n in self.shape):
+            raise PackLimitError(
+                f"tensor shape dimensions must be ints in [1, {MAX_DIM}], got {show(self.shape)}"
+            )
         object.__setattr__(self, "shape", tuple(self.shape))
 
     def nbytes(self, storage_dtype: str) -> int:
@@ -85,7 +87,8 @@ def encode_tensors(arrays: list[np.ndarray], storage_dtype: str) -> tuple[list[T
 
 
 def decode_tensors(entries: list[TensorEntry], blob: bytes, storage_dtype: str) -> list[np.ndarray]:
-    """Float32 arrays (read-only) for each entry; the entries must tile ``blob`` exactly, in order."""
+    """Float32 arrays (read-only) for each entry; the entries must tile ``blob`` exactly, in order,
+    with zero padding: then ``encode_tensors`` of the arrays gives back ``blob`` byte for byte."""
     dtype = DTYPES[storage_dtype]
     arrays, offset = [], 0
     for i, entry in enumerate(entries):
@@ -94,6 +97,8 @@ def decode_tensors(entries: list[TensorEntry], blob: bytes, storage_dtype: str) 
             raise MalformedPackError(
                 f"tensors[{i}] starts at {entry.offset}, the next aligned offset is {start}"
             )
+        if blob[offset:start].strip(b"\0"):
+            raise MalformedPackError(f"tensors[{i}] is preceded by padding that is not zero")
         if start + size > len(blob):
             raise MalformedPackError(
                 f"tensors[{i}] of shape {list(entry.shape)} at {storage_dtype} ends at byte "
