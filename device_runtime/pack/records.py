@@ -65,8 +65,8 @@ _BASE_ID = re.compile(r"[0-9a-f]{64}")
 
 def _tensor(array, where: str, ndim: int) -> np.ndarray:
     """A finite float32 array of ``ndim`` non-empty dimensions, every |element| <= MAX_ABS_VALUE."""
-    if isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.c_contiguous:
-        out = array  # what the reader decodes: no copy
+    if isinstance(array, np.ndarray) and array.dtype == np.float32 and not array.flags.writeable:
+        out = array  # what the reader decodes (read-only, C order): no copy
     else:
         try:
             source = np.asarray(array)
@@ -75,7 +75,8 @@ def _tensor(array, where: str, ndim: int) -> np.ndarray:
         if source.dtype.kind not in "fiu":
             raise PackLimitError(f"{where} must hold real numbers, got dtype {source.dtype}")
         with np.errstate(over="ignore", invalid="ignore"):
-            out = np.ascontiguousarray(source, dtype=np.float32)
+            out = np.array(source, dtype=np.float32, order="C")  # a copy: records are immutable
+        out.flags.writeable = False
     if out.ndim != ndim or 0 in out.shape:
         raise PackLimitError(f"{where} must be a non-empty {ndim}-D tensor, got shape {list(out.shape)}")
     largest = float(np.max(np.abs(out)))

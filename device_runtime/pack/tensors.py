@@ -105,7 +105,9 @@ def decode_tensors(entries: list[TensorEntry], blob: bytes, storage_dtype: str) 
                 f"{start + size}, past the {len(blob)}-byte data blob"
             )
         array = np.frombuffer(blob, dtype=dtype, count=size // dtype.itemsize, offset=start)
-        arrays.append(array.reshape(entry.shape).astype(np.float32, copy=False))
+        array = array.reshape(entry.shape).astype(np.float32, copy=False)
+        array.flags.writeable = False  # float16 widened into a copy: read-only like the views
+        arrays.append(array)
         offset = start + size
     if offset != len(blob):
         raise MalformedPackError(f"the data blob has {len(blob) - offset} bytes no tensor uses")
