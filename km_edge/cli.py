@@ -312,12 +312,15 @@ def train_cmd(task, as_json, **overrides):
 def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, key_name, expires, as_json, **overrides):
     """(Trains if needed, then) write packs/TASK.kmp, signed with keys/signing.key (or --key)."""
     from device_runtime.keys import key_paths
+    from device_runtime.pack.codec import parse_time
 
     from .pack import write_task_pack
     from .train import load_checkpoint
 
     settings = _settings()
     settings.task(task)  # unknown task: refuse before anything else
+    if expires is not None:
+        parse_time(expires, "--expires")  # a bad time is refused before any training
     checkpoint_path = settings.path("checkpoints") / f"{task}.pt"
     trained = None
     if retrain or not checkpoint_path.exists():
@@ -338,13 +341,15 @@ def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, key_name, exp
 
 def _next_pack_version(path: Path, pubkey: Path) -> int:
     """One more than the pack already at ``path`` (if it is ours and readable)."""
+    from datetime import datetime, timezone
+
     from device_runtime.pack import read_pack
     from device_runtime.pack.trust import load_trust
 
     if not path.exists() or not pubkey.exists():
         return 1
-    try:
-        return read_pack(path, load_trust([pubkey])).pack_version + 1
+    try:  # judged at the epoch: an expired predecessor still counts for the numbering
+        return read_pack(path, load_trust([pubkey]), now=datetime(1970, 1, 1, tzinfo=timezone.utc)).pack_version + 1
     except KmEdgeError:
         return 1
 
