@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from device_runtime.basefiles import ALIGNMENT, Base
+from device_runtime.errors import ExpiredPackError
 from device_runtime.imagefolder import list_image_folder
 from device_runtime.keys import generate_keypair, load_private_key, load_trusted_keys
 from device_runtime.pack import build_pack, read_pack, seal, write_pack
@@ -575,3 +576,23 @@ def test_pack_version_is_recorded_and_a_repack_increases_it(demo_project, letter
     assert read_pack(demo_project.root / out, trusted).pack_version == 8
     info = _json(demo_project.run("inspect", out, "--json"))
     assert info["pack_version"] == 8
+
+
+@pytest.mark.slow
+def test_pack_expires_and_is_refused_after_it_and_renumbers_from_it(demo_project, letters_pack, trusted):
+    from datetime import datetime, timezone
+
+    out = "packs/letters-expiring.kmp"
+    made = _json(demo_project.run("pack", "--task", "letters", "--expires", "2099-01-01T00:00:00Z",
+                                  "--version", "4", "--out", out, "--json"))
+    assert made["expires"] == "2099-01-01T00:00:00Z"
+    assert _json(demo_project.run("inspect", out, "--json"))["expires"] == "2099-01-01T00:00:00Z"
+    with pytest.raises(ExpiredPackError):
+        read_pack(demo_project.root / out, trusted, now=datetime(2099, 1, 1, tzinfo=timezone.utc))
+    # a pack that would be born expired, and a time that is not one, are refused (exit 2)
+    _assert_refused(demo_project.run("pack", "--task", "letters", "--expires", "2020-01-01T00:00:00Z",
+                                     "--out", out), "expires")
+    _assert_refused(demo_project.run("pack", "--task", "letters", "--expires", "tomorrow", "--out", out),
+                    "--expires")
+    again = _json(demo_project.run("pack", "--task", "letters", "--out", out, "--json"))
+    assert again["pack_version"] == 5 and again["expires"] is None
