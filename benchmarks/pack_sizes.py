@@ -22,7 +22,7 @@ def main() -> int:
     import torch
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from device_runtime.packformat import build_pack
+    from device_runtime.pack import build_pack
     from km_edge.export import export_base
     from km_edge.methods import MethodConfig
     from km_edge.models import build_base

@@ -47,7 +47,7 @@ def make_device(root: Path, arch: str, input_size: int) -> dict:
     from PIL import Image
 
     from device_runtime.keys import generate_keypair, load_private_key
-    from device_runtime.packformat import build_pack, write_pack
+    from device_runtime.pack import build_pack, write_pack
     from km_edge.export import export_base
     from km_edge.methods import MethodConfig
     from km_edge.models import build_base

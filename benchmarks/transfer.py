@@ -158,7 +158,7 @@ def pack_bytes(model, method, classes) -> int | None:
         return int(sum(p.numel() for p in model.parameters()) * 4)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from device_runtime.packformat import build_pack
+    from device_runtime.pack import build_pack
     from km_edge.pack import task_tensors
 
     body = {"task": "bench", "pack_version": 1, "base_id": "0" * 64, "labels": list(classes),

@@ -19,6 +19,14 @@ class MalformedPackError(PackError):
     """Not a pack at all: empty, truncated, not msgpack, wrong magic or missing fields."""
 
 
+class PackLimitError(MalformedPackError):
+    """A field of a pack (signed or not) is outside a documented limit (packs/README.md)."""
+
+
+class ExpiredPackError(PackError):
+    """The pack's own ``expires`` time has passed."""
+
+
 class UnknownFormatError(PackError):
     """The pack declares a format version this runtime does not read."""
 
@@ -29,6 +37,15 @@ class BadSignatureError(PackError):
 
 class UntrustedKeyError(PackError):
     """The pack was signed by a key that is not among the trusted public keys."""
+
+
+class RevokedKeyError(UntrustedKeyError):
+    """The pack's signing key is on the device's revocation list."""
+
+
+class KeyWindowError(UntrustedKeyError):
+    """The signing key is trusted only in a window (not_before, expires) that excludes now or the
+    pack's creation time."""
 
 
 class BaseMismatchError(PackError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from .files import write_atomic
 __all__ = [
     "PRIVATE_KEY_NAME",
     "PUBLIC_KEY_NAME",
+    "KEY_NAME_PATTERN",
+    "key_paths",
     "key_id",
     "generate_keypair",
     "load_private_key",
@@ -29,8 +32,11 @@ __all__ = [
     "load_trusted_keys",
 ]
 
-PRIVATE_KEY_NAME = "signing.key"
-PUBLIC_KEY_NAME = "signing.pub"
+DEFAULT_KEY_NAME = "signing"
+PRIVATE_KEY_NAME = f"{DEFAULT_KEY_NAME}.key"
+PUBLIC_KEY_NAME = f"{DEFAULT_KEY_NAME}.pub"
+# key names become file names: NAME.key / NAME.pub in the keys folder
+KEY_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 KEY_ID_HEX_CHARS = 16
 # A PEM Ed25519 key is ~120 bytes; anything far larger is not a key file (and is not read whole).
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -44,16 +50,28 @@ def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX_CHARS]
 
 
-def generate_keypair(keys_dir: str | os.PathLike, force: bool = False) -> tuple[Path, Path, str]:
-    """Write a new pair to ``keys_dir``; returns (private path, public path, key id).
+def key_paths(keys_dir: str | os.PathLike, name: str = DEFAULT_KEY_NAME) -> tuple[Path, Path]:
+    """(private, public) paths of the key pair called ``name`` in ``keys_dir``."""
+    if not isinstance(name, str) or not re.fullmatch(KEY_NAME_PATTERN, name):
+        raise KeyFileError(
+            f"key name {name!r} is not allowed: use letters, digits, '-' and '_' (at most 64)"
+        )
+    keys_dir = Path(keys_dir)
+    return keys_dir / f"{name}.key", keys_dir / f"{name}.pub"
+
+
+def generate_keypair(
+    keys_dir: str | os.PathLike, force: bool = False, name: str = DEFAULT_KEY_NAME
+) -> tuple[Path, Path, str]:
+    """Write a new pair ``NAME.key`` / ``NAME.pub`` to ``keys_dir``; returns (private, public, id).
 
     Refuses to replace an existing key unless ``force``: losing a signing key orphans every device
     that trusts it. The private key file is created 0600 (never readable by others, not even for a
     moment: the temporary file is made by mkstemp, which opens with 0600) and renamed into place.
+    Several named pairs live side by side, which is how keys are rotated (packs/README.md).
     """
+    private_path, public_path = key_paths(keys_dir, name)
     keys_dir = Path(keys_dir)
-    private_path = keys_dir / PRIVATE_KEY_NAME
-    public_path = keys_dir / PUBLIC_KEY_NAME
     existing = [str(p) for p in (private_path, public_path) if p.exists() or p.is_symlink()]
     if existing and not force:
         raise KeyFileError(

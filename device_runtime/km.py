@@ -159,26 +159,24 @@ def lora_update(weight: np.ndarray, tensors: dict[str, np.ndarray], scale: float
 
 
 def rebuild_kernels(
-    base_kernels: dict[str, np.ndarray], layers: list[dict]
+    base_kernels: dict[str, np.ndarray], layers: list
 ) -> dict[str, np.ndarray]:
     """Adapted kernels for every adapted layer of a model.
 
-    ``layers`` are the pack's layer entries: ``{"name", "adapter": "km"|"lora", "kind",
-    "activation", "scale", "tensors": {...}}``. Layers the pack does not adapt are not returned
+    ``layers`` are the pack's ``Layer`` records (``name``, ``adapter``: "km" | "lora", ``kind``,
+    ``activation``, ``scale``, ``tensors``). Layers the pack does not adapt are not returned
     (the base keeps its own copy).
     """
     rebuilt = {}
     for layer in layers:
-        name = layer["name"]
+        name = layer.name
         if name not in base_kernels:
             raise ShapeMismatchError(f"pack adapts layer {name!r}, which the base does not have")
         weight = base_kernels[name]
-        if layer["adapter"] == "km":
-            rebuilt[name] = modulate(
-                weight, layer["tensors"], layer["kind"], layer["activation"], layer["scale"]
-            )
-        elif layer["adapter"] == "lora":
-            rebuilt[name] = lora_update(weight, layer["tensors"], layer["scale"])
+        if layer.adapter == "km":
+            rebuilt[name] = modulate(weight, layer.tensors, layer.kind, layer.activation, layer.scale)
+        elif layer.adapter == "lora":
+            rebuilt[name] = lora_update(weight, layer.tensors, layer.scale)
         else:
-            raise ShapeMismatchError(f"layer {name!r} has unknown adapter {layer['adapter']!r}")
+            raise ShapeMismatchError(f"layer {name!r} has unknown adapter {layer.adapter!r}")
     return rebuilt

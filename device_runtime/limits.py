@@ -58,14 +58,14 @@ def _shape(array) -> tuple[int, ...]:
     return tuple(int(d) for d in np.shape(array))
 
 
-def _layer_cost(layer: Mapping, weight_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+def _layer_cost(layer, weight_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     """(task parameters, hidden size or rank, input length d, kernel elements) of one layer."""
     kernel_elements = math.prod(weight_shape)
-    params = sum(math.prod(_shape(t)) for t in layer["tensors"].values())
-    if layer["adapter"] == "km":
-        d, hidden = _shape(layer["tensors"]["w1"])
+    params = sum(math.prod(_shape(t)) for t in layer.tensors.values())
+    if layer.adapter == "km":
+        d, hidden = _shape(layer.tensors["w1"])
     else:  # lora: a (rank, fan_in)
-        hidden, d = _shape(layer["tensors"]["a"])
+        hidden, d = _shape(layer.tensors["a"])
     return params, hidden, d, kernel_elements
 
 
@@ -78,12 +78,12 @@ def check_rebuild_budget(name: str, layers, conv_shapes: Mapping[str, tuple[int,
     base_params = sum(math.prod(shape) for shape in conv_shapes.values())
     total_params = total_work = 0
     for layer in layers:
-        if layer["name"] not in conv_shapes:
-            raise ShapeMismatchError(f"{name}: layer {layer['name']!r} is not a conv layer of this base")
-        params, hidden, d, kernel_elements = _layer_cost(layer, conv_shapes[layer["name"]])
+        if layer.name not in conv_shapes:
+            raise ShapeMismatchError(f"{name}: layer {layer.name!r} is not a conv layer of this base")
+        params, hidden, d, kernel_elements = _layer_cost(layer, conv_shapes[layer.name])
         if hidden > MAX_HIDDEN_PER_INPUT * max(d, 1):
             raise PackLimitError(
-                f"{name}: layer {layer['name']!r} has hidden size {hidden} for vectors of length "
+                f"{name}: layer {layer.name!r} has hidden size {hidden} for vectors of length "
                 f"{d}; the runtime allows at most {MAX_HIDDEN_PER_INPUT} x {d}"
             )
         total_params += params

@@ -1,7 +1,7 @@
 """The device runtime: one frozen base, task packs switched in and out.
 
 ``Runtime`` decides what to trust: a pack is used only after its signature verifies
-(``packformat.read_pack``), its ``base_id`` equals this base's, every tensor fits the base
+(``pack.read_pack``), its ``base_id`` equals this base's, every tensor fits the base
 manifest, and it is not older than a pack already loaded for the same task. All checks run before
 anything is built, so a refused pack leaves the active one untouched. Kernels are rebuilt once per
 load; sessions are cached by the pack file's sha256 so switching back to a recent task is cheap.
@@ -33,7 +33,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .imagefolder import list_image_folder
-from .packformat import read_pack, read_pack_file
+from .pack import read_pack, read_pack_file
 from .preprocess import check_spec, load_image, neutral_batch, preprocess
 
 __all__ = ["Runtime", "LoadedPack", "top_predictions"]
@@ -173,8 +173,8 @@ class Runtime:
         limits.check_finite_kernels(path.name, kernels)
         overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
         for layer in pack.bn:
-            for tensor_name, array in layer["tensors"].items():
-                overrides[self.base.initializer_for(layer["name"], tensor_name)] = array
+            for tensor_name, array in layer.tensors.items():
+                overrides[self.base.initializer_for(layer.name, tensor_name)] = array
         with _Stopwatch(timings, "session"):
             backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads)
         self._check_scores(path, pack, backend)
@@ -232,29 +232,29 @@ class Runtime:
         conv_shapes = self.base.conv_shapes
         seen = set()
         for layer in pack.layers:
-            name = layer["name"]
+            name = layer.name
             if name not in conv_shapes:
                 refuse(f"layer {name!r} is not a conv layer of this base")
             if name in seen:
                 refuse(f"layer {name!r} appears twice")
             seen.add(name)
             weight_shape = conv_shapes[name]
-            tensors = layer["tensors"]
+            tensors = layer.tensors
             # kind, activation and scale were validated by read_pack; shapes need the base
-            if layer["adapter"] == "km":
-                kind = layer["kind"]
+            if layer.adapter == "km":
+                kind = layer.kind
                 if set(tensors) != set(km.MODULATOR_TENSORS) or len(_shape(tensors["w1"])) != 2:
                     refuse(f"layer {name!r} needs tensors {', '.join(km.MODULATOR_TENSORS)}")
                 d = km.vector_length(kind, weight_shape)
                 expected = km.modulator_shapes(d, _shape(tensors["w1"])[1])
-            elif layer["adapter"] == "lora":
+            elif layer.adapter == "lora":
                 if set(tensors) != set(km.LORA_TENSORS) or len(_shape(tensors["a"])) != 2:
                     refuse(f"layer {name!r} needs LoRA tensors a, b")
                 rank = _shape(tensors["a"])[0]
                 fan_in = int(np.prod(weight_shape[1:]))
                 expected = {"a": (rank, fan_in), "b": (weight_shape[0], rank)}
             else:
-                refuse(f"layer {name!r} has unknown adapter {layer['adapter']!r}")
+                refuse(f"layer {name!r} has unknown adapter {layer.adapter!r}")
             for tensor_name, shape in expected.items():
                 if _shape(tensors[tensor_name]) != tuple(shape):
                     refuse(
@@ -272,10 +272,10 @@ class Runtime:
 
         bn_shapes = self.base.bn_shapes
         for layer in pack.bn:
-            name = layer["name"]
+            name = layer.name
             if name not in bn_shapes:
                 refuse(f"BN layer {name!r} is not a BatchNorm layer of this base")
-            for tensor_name, array in layer["tensors"].items():
+            for tensor_name, array in layer.tensors.items():
                 if tensor_name not in BN_TENSORS or tensor_name not in bn_shapes[name]:
                     refuse(f"BN layer {name!r} has unknown tensor {tensor_name!r}")
                 if _shape(array) != bn_shapes[name][tensor_name]:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from device_runtime import km as km_math
+from device_runtime.pack import Layer
 
 
 def _activate(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -63,16 +64,16 @@ class KernelModulator(nn.Module):
         gain = hidden @ self.w2 + self.b2
         return self._from_vectors(vectors * (1.0 + gain))
 
-    def pack_entry(self, name: str) -> dict:
-        """This layer as a pack layer entry (see packs/README.md)."""
-        return {
-            "name": name,
-            "adapter": "km",
-            "kind": self.kind,
-            "activation": self.activation,
-            "scale": float(self.scale),
-            "tensors": {n: getattr(self, n).detach().cpu().numpy() for n in km_math.MODULATOR_TENSORS},
-        }
+    def pack_entry(self, name: str) -> Layer:
+        """This layer as the pack's layer record (validated; see packs/README.md)."""
+        return Layer(
+            name=name,
+            adapter="km",
+            kind=self.kind,
+            activation=self.activation,
+            scale=float(self.scale),
+            tensors={n: getattr(self, n).detach().cpu().numpy() for n in km_math.MODULATOR_TENSORS},
+        )
 
 
 class ConvLoRA(nn.Module):
@@ -93,15 +94,16 @@ class ConvLoRA(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.scaling * (self.b @ self.a).reshape(self.weight_shape)
 
-    def pack_entry(self, name: str) -> dict:
-        return {
-            "name": name,
-            "adapter": "lora",
-            "kind": "",
-            "activation": "",
-            "scale": self.scaling,
-            "tensors": {"a": self.a.detach().cpu().numpy(), "b": self.b.detach().cpu().numpy()},
-        }
+    def pack_entry(self, name: str) -> Layer:
+        """This layer as the pack's layer record (validated; see packs/README.md)."""
+        return Layer(
+            name=name,
+            adapter="lora",
+            kind="",
+            activation="",
+            scale=self.scaling,
+            tensors={"a": self.a.detach().cpu().numpy(), "b": self.b.detach().cpu().numpy()},
+        )
 
 
 def conv_layers(backbone: nn.Module) -> list[tuple[str, nn.Conv2d]]:

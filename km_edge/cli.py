@@ -140,17 +140,39 @@ def _default_base_dir(base_dir):
     return Path(base_dir or os.environ.get("KM_EDGE_BASE") or "base")
 
 
-def _default_pubkeys(pubkeys):
-    if pubkeys:
-        return list(pubkeys)
-    return [os.environ.get("KM_EDGE_PUBKEY") or "keys/signing.pub"]
+def _remember(ctx, param, value):
+    """Trust options are read by _trusted_keys, so device commands need not pass them along."""
+    if value is not None:
+        ctx.meta[f"km_edge.{param.name}"] = value
+    return value
+
+
+def _trusted_keys(pubkeys):
+    """The device's trust: --pubkey files, a trust file (key windows) and a revocation list.
+
+    Defaults: KM_EDGE_PUBKEY, KM_EDGE_TRUST, KM_EDGE_REVOKED, else keys/trust.json and
+    keys/revoked.json where they exist, else keys/signing.pub (see packs/README.md, section 6).
+    """
+    from device_runtime.pack.trust import load_trust
+
+    meta = click.get_current_context().meta
+
+    def chosen(name, env, default):
+        value = meta.get(f"km_edge.{name}") or os.environ.get(env)
+        return Path(value) if value else (default if default.exists() else None)
+
+    trust = chosen("trust_file", "KM_EDGE_TRUST", Path("keys/trust.json"))
+    revoked = chosen("revocation_file", "KM_EDGE_REVOKED", Path("keys/revoked.json"))
+    pubkeys = list(pubkeys) or [p for p in [os.environ.get("KM_EDGE_PUBKEY")] if p]
+    if not pubkeys and trust is None:
+        pubkeys = ["keys/signing.pub"]
+    return load_trust(pubkeys, trust, revoked)
 
 
 def _runtime(base_dir, pubkeys, backend="ort", threads=None, rollback=None, **extra):
-    from device_runtime.keys import load_trusted_keys
     from device_runtime.runtime import Runtime
 
-    return Runtime(_default_base_dir(base_dir), load_trusted_keys(_default_pubkeys(pubkeys)), backend=backend,
+    return Runtime(_default_base_dir(base_dir), _trusted_keys(pubkeys), backend=backend,
                    threads=threads, rollback=rollback, **extra)
 
 
@@ -172,6 +194,11 @@ device_options = [
     click.option("--base", "base_dir", type=click.Path(), help="Exported base dir [KM_EDGE_BASE or ./base]."),
     click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(),
                  help="Trusted public key (repeatable) [KM_EDGE_PUBKEY or ./keys/signing.pub]."),
+    click.option("--trust", "trust_file", type=click.Path(dir_okay=False), expose_value=False, callback=_remember,
+                 help="Trust file: keys with validity windows [KM_EDGE_TRUST or ./keys/trust.json if present]."),
+    click.option("--revoked", "revocation_file", type=click.Path(dir_okay=False), expose_value=False,
+                 callback=_remember,
+                 help="Revocation list the device honours [KM_EDGE_REVOKED or ./keys/revoked.json if present]."),
 ]
 
 
@@ -223,14 +250,18 @@ def init_cmd(directory, arch, weights, input_size, force, as_json):
 
 @command(main, "keygen")
 @click.option("--keys-dir", default="keys", show_default=True, type=click.Path(file_okay=False))
+@click.option("--name", default="signing", show_default=True, help="Key name: writes NAME.key and NAME.pub.")
 @click.option("--force", is_flag=True, help="Replace an existing key pair.")
-def keygen_cmd(keys_dir, force, as_json):
-    """Make an Ed25519 signing pair: keys/signing.key (0600) and keys/signing.pub."""
+def keygen_cmd(keys_dir, name, force, as_json):
+    """Make an Ed25519 signing pair: keys/NAME.key (0600) and keys/NAME.pub."""
     from device_runtime.keys import generate_keypair
 
-    private, public, key = generate_keypair(keys_dir, force=force)
-    _emit({"private_key": str(private), "public_key": str(public), "key_id": key}, as_json,
-          f"private key {private} (keep it secret)\npublic key  {public}\nkey id      {key}")
+    private, public, key = generate_keypair(keys_dir, force=force, name=name)
+    trust_entry = {"name": name, "public_key": public.name}
+    _emit({"name": name, "private_key": str(private), "public_key": str(public), "key_id": key,
+           "trust_entry": trust_entry}, as_json,
+          f"private key {private} (keep it secret)\npublic key  {public}\nkey id      {key}\n"
+          f"trust entry {json.dumps(trust_entry)} (add not_before / expires for a validity window)")
 
 
 @command(main, "demo-data")
@@ -339,24 +370,32 @@ def train_cmd(task, as_json, **overrides):
 @click.option("--dtype", "storage_dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="[packs/TASK.kmp]")
 @click.option("--retrain", is_flag=True, help="Train again even if a checkpoint exists.")
+@click.option("--key", "key_name", default="signing", show_default=True, help="Sign with keys/KEY.key.")
+@click.option("--expires", default=None, help="UTC time after which devices refuse the pack, e.g. 2027-06-01T00:00:00Z.")
 @with_options(train_options)
-def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, as_json, **overrides):
-    """(Trains if needed, then) write packs/TASK.kmp, signed with keys/signing.key."""
+def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, key_name, expires, as_json, **overrides):
+    """(Trains if needed, then) write packs/TASK.kmp, signed with keys/signing.key (or --key)."""
+    from device_runtime.keys import key_paths
+    from device_runtime.pack.codec import parse_time
+
     from .pack import write_task_pack
     from .train import load_checkpoint
 
     settings = _settings()
     settings.task(task)  # unknown task: refuse before anything else
+    if expires is not None:
+        parse_time(expires, "--expires")  # a bad time is refused before any training
     checkpoint_path = settings.path("checkpoints") / f"{task}.pt"
     trained = None
     if retrain or not checkpoint_path.exists():
         trained = _train(task, overrides, as_json)
     out_path = Path(out_path) if out_path else settings.path("packs") / f"{task}.kmp"
-    keys = settings.path("keys")
+    private_key, public_key = key_paths(settings.path("keys"), key_name)
     if pack_version is None:
-        pack_version = _next_pack_version(out_path, keys / "signing.pub")
-    report = write_task_pack(load_checkpoint(checkpoint_path), settings.path("base"), keys / "signing.key",
-                             out_path, pack_version, {"fp32": "float32", "fp16": "float16"}[storage_dtype])
+        pack_version = _next_pack_version(out_path, public_key)
+    report = write_task_pack(load_checkpoint(checkpoint_path), settings.path("base"), private_key,
+                             out_path, pack_version, {"fp32": "float32", "fp16": "float16"}[storage_dtype],
+                             expires=expires)
     if trained:
         report["trained"] = trained
     _emit(report, as_json,
@@ -366,13 +405,15 @@ def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, as_json, **ov
 
 def _next_pack_version(path: Path, pubkey: Path) -> int:
     """One more than the pack already at ``path`` (if it is ours and readable)."""
-    from device_runtime.keys import load_trusted_keys
-    from device_runtime.packformat import read_pack
+    from datetime import datetime, timezone
+
+    from device_runtime.pack import read_pack
+    from device_runtime.pack.trust import load_trust
 
     if not path.exists() or not pubkey.exists():
         return 1
-    try:
-        return read_pack(path, load_trusted_keys([pubkey])).pack_version + 1
+    try:  # judged at the epoch: an expired predecessor still counts for the numbering
+        return read_pack(path, load_trust([pubkey]), now=datetime(1970, 1, 1, tzinfo=timezone.utc)).pack_version + 1
     except KmEdgeError:
         return 1
 
@@ -442,8 +483,7 @@ def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threa
 def verify_cmd(pack_path, base_dir, pubkeys, state_path, as_json):
     """Check a pack's signature, key, format, anti-rollback state and (where the base is here) its
     base and shapes. Records nothing."""
-    from device_runtime.keys import load_trusted_keys
-    from device_runtime.packformat import read_pack
+    from device_runtime.pack import read_pack
 
     rollback = _rollback_state(state_path)
     base = _default_base_dir(base_dir)
@@ -451,7 +491,7 @@ def verify_cmd(pack_path, base_dir, pubkeys, state_path, as_json):
         loaded = _runtime(base_dir, pubkeys).check_pack(pack_path)
         pack, checked_base = loaded, True
     else:
-        pack, checked_base = read_pack(pack_path, load_trusted_keys(_default_pubkeys(pubkeys))), False
+        pack, checked_base = read_pack(pack_path, _trusted_keys(pubkeys)), False
     rollback.check(pack, Path(pack_path).name)
     report = {"pack": str(pack_path), "ok": True, "task": pack.task, "version": pack.pack_version,
               "key_id": pack.key_id, "base_id": pack.base_id, "base_checked": checked_base,
@@ -465,10 +505,9 @@ def verify_cmd(pack_path, base_dir, pubkeys, state_path, as_json):
 @with_options(device_options[1:])
 def inspect_cmd(pack_path, pubkeys, as_json):
     """Show everything inside a (verified) pack."""
-    from device_runtime.keys import load_trusted_keys
-    from device_runtime.packformat import read_pack
+    from device_runtime.pack import read_pack
 
-    pack = read_pack(pack_path, load_trusted_keys(_default_pubkeys(pubkeys)))
+    pack = read_pack(pack_path, _trusted_keys(pubkeys))
     summary = pack.summary()
     if as_json:
         _emit(summary, True)

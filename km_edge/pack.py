@@ -8,13 +8,11 @@ from device_runtime.basefiles import Base
 from device_runtime.errors import BaseMismatchError, CheckpointError
 from device_runtime.keys import load_private_key
 from device_runtime.limits import check_rebuild_budget
-from device_runtime.packformat import build_pack, write_pack
+from device_runtime.pack import BN_TENSORS, BnEntry, build_pack, write_pack
 
 from .adapters import adapters_of
 from .methods import PACKABLE_METHODS, batchnorms
 from .train import restore_task_model
-
-BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def task_tensors(model, config) -> dict:
@@ -24,10 +22,10 @@ def task_tensors(model, config) -> dict:
     if config.trains_bn:
         named = {id(m): n for n, m in model.backbone.named_modules()}
         for module in batchnorms(model.backbone):
-            bn.append({
-                "name": named[id(module)],
-                "tensors": {t: getattr(module, t).detach().cpu().numpy() for t in BN_TENSORS},
-            })
+            bn.append(BnEntry(
+                name=named[id(module)],
+                tensors={t: getattr(module, t).detach().cpu().numpy() for t in BN_TENSORS},
+            ))
     head = {"weight": model.head.weight.detach().cpu().numpy(), "bias": model.head.bias.detach().cpu().numpy()}
     return {"layers": layers, "head": head, "bn": bn}
 
@@ -68,9 +66,11 @@ def write_task_pack(
     out_path: str | Path,
     pack_version: int = 1,
     storage_dtype: str = "float32",
+    expires: str | None = None,
 ) -> dict:
+    """Sign the checkpoint's pack (valid until ``expires``, a UTC time, if given) and write it."""
     base_files = Base.open(base_dir, verify=True)
-    body = pack_body(checkpoint, base_files, pack_version)
+    body = {**pack_body(checkpoint, base_files, pack_version), "expires": expires}
     # refuse here what every device would refuse (modulators too big for the base)
     check_rebuild_budget(Path(out_path).name, body["layers"], base_files.conv_shapes)
     data = build_pack(body, load_private_key(signing_key), storage_dtype=storage_dtype)
@@ -80,6 +80,7 @@ def write_task_pack(
         "task": body["task"],
         "pack": str(out_path),
         "pack_version": body["pack_version"],
+        "expires": expires,
         "method": body["method"],
         "storage_dtype": storage_dtype,
         "pack_bytes": len(data),

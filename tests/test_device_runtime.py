@@ -7,6 +7,8 @@ need neither torch nor a download.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import shutil
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from device_runtime import keys, km, packformat
+from device_runtime import keys, km
 from device_runtime.backends import OrtBackend, ReferenceBackend, make_backend
 from device_runtime.basefiles import ALIGNMENT, Base, write_base
 from device_runtime.errors import (
@@ -34,6 +36,7 @@ from device_runtime.errors import (
     UntrustedKeyError,
 )
 from device_runtime.imagefolder import list_image_folder
+from device_runtime.pack import Layer, build_pack
 from device_runtime.preprocess import load_image, preprocess, preprocess_batch
 from device_runtime.runtime import Runtime
 
@@ -160,8 +163,8 @@ def random_images(n, seed=1):
     return np.random.default_rng(seed).normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
 
 
-def random_modulators(base: Base, seed=2, hidden=4) -> list[dict]:
-    """Pack layer entries with nonzero modulators for every conv of the base (kind auto)."""
+def random_modulators(base: Base, seed=2, hidden=4) -> list[Layer]:
+    """Pack layer records with nonzero modulators for every conv of the base (kind auto)."""
     rng = np.random.default_rng(seed)
     layers = []
     for name, weight in base.conv_kernels().items():
@@ -169,8 +172,8 @@ def random_modulators(base: Base, seed=2, hidden=4) -> list[dict]:
         d = km.vector_length(kind, weight.shape)
         tensors = {n: rng.normal(0, 0.5, s).astype(np.float32)
                    for n, s in km.modulator_shapes(d, hidden).items()}
-        layers.append({"name": name, "adapter": "km", "kind": kind, "activation": "relu",
-                       "scale": km.kernel_scale(weight), "tensors": tensors})
+        layers.append(Layer(name=name, adapter="km", kind=kind, activation="relu",
+                            scale=km.kernel_scale(weight), tensors=tensors))
     return layers
 
 
@@ -439,17 +442,24 @@ def trusted(signing_key):
 def make_pack(path: Path, base: Base, signing_key, *, task="insects", version=1, base_id=None,
               layers=None, head_features=FEATURES, bn=None, seed=7, preprocess=PREPROCESS) -> Path:
     rng = np.random.default_rng(seed)
+    layers = random_modulators(base, seed=seed) if layers is None else layers
+    # the pack's modulator spec says the hidden size of each kind: read it off the layers given
+    hidden = {"kernel_hidden": 4, "channel_hidden": 4}
+    for layer in reversed(layers):
+        field = layer.get if isinstance(layer, dict) else lambda name, default=None: getattr(layer, name)
+        if field("adapter", "km") == "km":
+            hidden[f"{field('kind')}_hidden"] = int(np.shape(field("tensors")["w1"])[1])
     body = {
         "task": task, "pack_version": version, "created": "2026-11-28T02:10:00Z",
         "base_id": base_id or base.base_id, "labels": LABELS, "preprocess": preprocess,
         "method": "km",
-        "modulator": {"kind": "auto", "kernel_hidden": 4, "channel_hidden": 4, "activation": "relu"},
-        "layers": random_modulators(base, seed=seed) if layers is None else layers,
+        "modulator": {"kind": "auto", **hidden, "activation": "relu"},
+        "layers": layers,
         "head": {"weight": rng.normal(0, 1, (len(LABELS), head_features)).astype(np.float32),
                  "bias": rng.normal(0, 0.1, len(LABELS)).astype(np.float32)},
         "bn": bn or [], "metrics": {"host_val_accuracy": 0.5}, "trainer": {"epochs": 1},
     }
-    path.write_bytes(packformat.build_pack(body, signing_key))
+    path.write_bytes(build_pack(body, signing_key))
     return path
 
 
@@ -496,10 +506,10 @@ def test_pack_that_does_not_fit_the_base_is_refused(runtime, signing_key, tmp_pa
     base = runtime.base
     layers, head_features, bn = random_modulators(base), FEATURES, None
     if damage == "unknown layer":
-        layers[0] = dict(layers[0], name="features.9")
+        layers[0] = dataclasses.replace(layers[0], name="features.9")
     elif damage == "modulator size":  # a kernel modulator of a 5x5 conv on a 3x3 conv
-        layers[0]["tensors"] = {n: np.ones(s, np.float32)
-                                for n, s in km.modulator_shapes(25, 4).items()}
+        layers[0] = dataclasses.replace(layers[0], tensors={
+            n: np.ones(s, np.float32) for n, s in km.modulator_shapes(25, 4).items()})
     elif damage == "head size":
         head_features = FEATURES + 1
     else:
@@ -513,10 +523,10 @@ def test_pack_that_does_not_fit_the_base_is_refused(runtime, signing_key, tmp_pa
 
 
 def test_pack_with_unusable_preprocessing_is_refused(runtime, signing_key, tmp_path):
-    path = make_pack(tmp_path / "p.kmp", runtime.base, signing_key,
-                     preprocess={**PREPROCESS, "std": [0.2, 0.0, 0.2]})
+    # the format refuses it already when writing (and reading: tests/test_pack_limits.py)
     with pytest.raises(MalformedPackError, match="std"):
-        runtime.load_pack(path)
+        make_pack(tmp_path / "p.kmp", runtime.base, signing_key,
+                  preprocess={**PREPROCESS, "std": [0.2, 0.0, 0.2]})
 
 
 def test_older_pack_for_the_same_task_is_a_downgrade(runtime, signing_key, tmp_path):

@@ -12,7 +12,7 @@ from serving import Device
 
 from device_runtime.errors import KmEdgeError, RollbackError, StateError
 from device_runtime.keys import load_trusted_keys
-from device_runtime.packformat import read_pack
+from device_runtime.pack import read_pack
 from device_runtime.rollback import STATE_ENV, RollbackState, default_state_path
 from device_runtime.runtime import Runtime
 
@@ -173,7 +173,7 @@ def test_an_unwritable_state_file_is_a_clear_error(device, tmp_path):
 def test_operator_rolls_back_by_signing_the_old_content_as_a_new_version(device, tmp_path):
     """The README's procedure: the old pack's content, signed again with a higher version."""
     from device_runtime.keys import load_private_key
-    from device_runtime.packformat import build_pack, write_pack
+    from device_runtime.pack import build_pack, write_pack
 
     state_path = tmp_path / "rollback.json"
     trusted = load_trusted_keys([device.pubkey])

@@ -35,7 +35,7 @@ from ..errors import (
     UnknownFormatError,
     UntrustedKeyError,
 )
-from ..packformat import read_pack, read_pack_file
+from ..pack import read_pack, read_pack_file
 from ..runtime import LoadedPack, Runtime
 
 __all__ = ["PackCatalog", "ServedPack", "Refusal", "TaskNotFound", "TaskRefused", "refusal_reason"]

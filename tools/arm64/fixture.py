@@ -55,7 +55,7 @@ def hostile_packs(good: Path, project: Path, stranger: Path, out: Path) -> None:
     import numpy as np
 
     from device_runtime.keys import load_private_key, load_trusted_keys
-    from device_runtime.packformat import build_pack, read_pack
+    from device_runtime.pack import build_pack, read_pack
 
     trusted = load_trusted_keys([project / "keys" / "signing.pub"])
     pack = read_pack(good, trusted)
@@ -65,17 +65,21 @@ def hostile_packs(good: Path, project: Path, stranger: Path, out: Path) -> None:
             "task": pack.task, "pack_version": pack.pack_version, "created": pack.created,
             "base_id": pack.base_id, "labels": list(pack.labels), "preprocess": pack.preprocess,
             "method": pack.method, "modulator": pack.modulator,
-            "layers": [{**layer, "tensors": dict(layer["tensors"])} for layer in pack.layers],
+            "layers": list(pack.layers),
             "head": dict(pack.head),
-            "bn": [{**entry, "tensors": dict(entry["tensors"])} for entry in pack.bn],
+            "bn": list(pack.bn),
             "metrics": pack.metrics, "trainer": pack.trainer,
         }
 
     key = load_private_key(project / "keys" / "signing.key")
     (out / "untrusted.kmp").write_bytes(build_pack(body(), load_private_key(stranger / "signing.key")))
     wrong = body()
-    w1 = wrong["layers"][0]["tensors"]["w1"]
-    wrong["layers"][0]["tensors"]["w1"] = np.zeros((w1.shape[0] + 1, w1.shape[1]), np.float32)
+    first = wrong["layers"][0]
+    d, h = first.tensors["w1"].shape  # a modulator for vectors one longer than the base's kernels
+    wrong["layers"][0] = {"name": first.name, "adapter": first.adapter, "kind": first.kind,
+                          "activation": first.activation, "scale": first.scale,
+                          "tensors": {"w1": np.zeros((d + 1, h), np.float32), "b1": np.zeros(h, np.float32),
+                                      "w2": np.zeros((h, d + 1), np.float32), "b2": np.zeros(d + 1, np.float32)}}
     (out / "w1-shape.kmp").write_bytes(build_pack(wrong, key))
     wrong = body()
     weight = wrong["head"]["weight"]
