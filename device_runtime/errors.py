@@ -20,7 +20,9 @@ class MalformedPackError(PackError):
 
 
 class PackLimitError(MalformedPackError):
-    """A field of a pack (signed or not) is outside a documented limit (packs/README.md)."""
+    """A field of a pack (signed or not) is outside a documented limit, in the format
+    (device_runtime.pack.limits) or against the base (device_runtime.limits, sizes and work);
+    every limit is listed in packs/README.md."""
 
 
 class ExpiredPackError(PackError):
@@ -66,10 +68,6 @@ class RollbackError(DowngradeError):
 
 class NotNewerError(PackError):
     """A hot update whose version is not above the version being served (equal or older)."""
-
-
-class PackLimitError(PackError):
-    """A signed pack asks for more than the runtime allows (sizes, work; see device_runtime.limits)."""
 
 
 class NonFiniteError(PackError):
