@@ -5,12 +5,20 @@
 manifest, and it is not older than a pack already loaded for the same task. All checks run before
 anything is built, so a refused pack leaves the active one untouched. Kernels are rebuilt once per
 load; sessions are cached by the pack file's sha256 so switching back to a recent task is cheap.
+
+Memory: on the CPU provider, kernels that onnxruntime fuses into BatchNorm while it builds the
+session (``backends.fused_at_load``) are rebuilt into one buffer reused by every load, so a cached
+pack costs what onnxruntime holds, not another copy of the conv weights; evicting a pack hands
+freed memory back to the OS (``malloc_trim`` on glibc), so RSS stays bounded by the cache size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -20,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import km
-from .backends import make_backend
+from .backends import ProviderConfig, fused_at_load, make_backend
 from .basefiles import BN_TENSORS, Base
 from .errors import (
     BaseMismatchError,
@@ -34,7 +42,29 @@ from .imagefolder import list_image_folder
 from .packformat import read_pack, read_pack_file
 from .preprocess import check_spec, load_image, preprocess
 
-__all__ = ["Runtime", "LoadedPack"]
+__all__ = ["Runtime", "LoadedPack", "release_memory"]
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim``, or None (musl, macOS, Windows: nothing to call)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_memory() -> bool:
+    """Return freed heap memory to the OS (glibc keeps it otherwise); True where it could."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 @dataclass
@@ -91,13 +121,24 @@ class Runtime:
 
     def __init__(self, base_dir: str | os.PathLike, trusted_keys: Mapping[str, object],
                  backend: str = "ort", threads: int | None = None, verify_base: bool = True,
-                 cache_size: int = 4):
+                 cache_size: int = 4, provider: str | None = None, trt_fp16: bool = False,
+                 trt_cache_dir: str | os.PathLike | None = None):
+        self.provider = ProviderConfig(provider, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir)
         self.base = Base.open(base_dir, verify=verify_base)
         self.trusted_keys = dict(trusted_keys)
         self.backend_name = backend
         self.threads = threads
         self.cache_size = max(1, int(cache_size))
         self._cache: OrderedDict[str, LoadedPack] = OrderedDict()
+        # conv layers whose rebuilt kernel onnxruntime copies (fuses) at load: rebuilt into one
+        # buffer shared by all loads (CPU provider only; GPU providers keep every override alive)
+        self._shared_layers: set[str] = set()
+        if backend == "ort" and self.provider.name == "cpu":
+            fused = fused_at_load(self.base.graph_path)
+            self._shared_layers = {name for name in self.base.conv_shapes
+                                   if self.base.initializer_for(name) in fused}
+        self._shared_buffer = np.zeros(0, dtype=np.float32)
+        self._build_lock = threading.Lock()  # the shared buffer serves one load at a time
         self._newest_version: dict[str, int] = {}  # task -> highest pack_version loaded
         self.active: LoadedPack | None = None
 
@@ -135,19 +176,55 @@ class Runtime:
 
         self._check_against_base(path, pack)
         self._check_version(path, pack)
+        with self._build_lock:
+            backend = self._build(pack, digest, timings)
+        loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings)
+        self._cache[digest] = loaded
+        while len(self._cache) > self.cache_size:
+            self._evict(next(iter(self._cache)))
+        return self._activate(loaded)
+
+    def _build(self, pack, digest: str, timings: dict):
+        """Rebuild the pack's kernels and create its session (timings: rebuild, session)."""
+        base_kernels = self.base.conv_kernels()
+        shared = [layer for layer in pack.layers if layer["name"] in self._shared_layers]
+        kept = [layer for layer in pack.layers if layer["name"] not in self._shared_layers]
         with _Stopwatch(timings, "rebuild"):
-            kernels = km.rebuild_kernels(self.base.conv_kernels(), pack.layers)
+            if self._shared_buffer.size < km.rebuild_size(base_kernels, shared):
+                # sized once for every shared layer of the base, so it is never reallocated
+                size = sum(int(np.prod(self.base.conv_shapes[name])) for name in self._shared_layers)
+                self._shared_buffer = np.empty(size, dtype=np.float32)
+            kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer)
+            kernels.update(km.rebuild_kernels(base_kernels, kept, self.threads))
         overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
         for layer in pack.bn:
             for tensor_name, array in layer["tensors"].items():
                 overrides[self.base.initializer_for(layer["name"], tensor_name)] = array
         with _Stopwatch(timings, "session"):
-            backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads)
-        loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings)
-        self._cache[digest] = loaded
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return self._activate(loaded)
+            return make_backend(self.backend_name, self.base.graph_path, overrides, self.threads,
+                                provider=self._provider_for(pack, digest))
+
+    def _provider_for(self, pack, digest: str):
+        if self.backend_name != "ort":
+            return None
+        # TensorRT engines depend on the kernels: one cache folder per (pack, base)
+        return self.provider.for_key(f"{digest[:16]}-{str(self.base.base_id)[:16]}")
+
+    def _evict(self, digest: str) -> None:
+        if self._cache.pop(digest) is self.active:
+            self.active = None
+        release_memory()
+
+    def clear_cache(self) -> None:
+        """Drop every cached session (the active one too) and hand the memory back to the OS."""
+        self._cache.clear()
+        self.active = None
+        release_memory()
+
+    @property
+    def cached(self) -> list[str]:
+        """sha256 of the cached packs, least recently used first."""
+        return list(self._cache)
 
     def _activate(self, loaded: LoadedPack) -> LoadedPack:
         task, version = loaded.pack.task, int(loaded.pack.pack_version)
