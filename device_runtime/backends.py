@@ -14,6 +14,7 @@ cannot run is refused with :class:`ProviderError`, never silently replaced by th
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 
@@ -74,7 +75,10 @@ class ProviderConfig:
         self.cache_key = cache_key
 
     def for_key(self, cache_key: str) -> "ProviderConfig":
-        return ProviderConfig(self.name, self.trt_fp16, self.trt_cache_dir, cache_key)
+        """The same provider with TensorRT engines cached under ``cache_key``."""
+        keyed = copy.copy(self)
+        keyed.cache_key = cache_key
+        return keyed
 
     def ort_providers(self) -> list:
         """The ``providers`` argument of ``ort.InferenceSession``: this provider, then the CPU."""

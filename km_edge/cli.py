@@ -1,6 +1,6 @@
 """The ``km-edge`` command line.
 
-Device commands (run, eval, verify, inspect) import only ``device_runtime``, so the CLI starts on a
+Device commands (run, eval, bench, verify, inspect) import only ``device_runtime``, so the CLI starts on a
 device install without torch; host commands import torch lazily inside their bodies. Every command
 takes ``--json``; user errors print one line and exit 2, internal failures exit 1.
 """
@@ -100,17 +100,30 @@ def _default_pubkeys(pubkeys):
     return [os.environ.get("KM_EDGE_PUBKEY") or "keys/signing.pub"]
 
 
-def _runtime(base_dir, pubkeys, backend="ort", threads=None):
+def _runtime(base_dir, pubkeys, backend="ort", threads=None, provider=None, trt_fp16=False):
     from device_runtime.keys import load_trusted_keys
     from device_runtime.runtime import Runtime
 
-    return Runtime(_default_base_dir(base_dir), load_trusted_keys(_default_pubkeys(pubkeys)), backend=backend, threads=threads)
+    return Runtime(_default_base_dir(base_dir), load_trusted_keys(_default_pubkeys(pubkeys)), backend=backend,
+                   threads=threads, provider=provider, trt_fp16=trt_fp16,
+                   trt_cache_dir=os.environ.get("KM_EDGE_TRT_CACHE") or Path.home() / ".cache" / "km-edge" / "trt")
 
 
 device_options = [
     click.option("--base", "base_dir", type=click.Path(), help="Exported base dir [KM_EDGE_BASE or ./base]."),
     click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(),
                  help="Trusted public key (repeatable) [KM_EDGE_PUBKEY or ./keys/signing.pub]."),
+]
+
+
+# the names are device_runtime.backends.PROVIDERS (not imported here: it pulls in onnxruntime)
+provider_options = [
+    click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"], case_sensitive=False),
+                  default="cpu", show_default=True, envvar="KM_EDGE_PROVIDER",
+                  help="onnxruntime execution provider; auto takes the best available [KM_EDGE_PROVIDER]."),
+    click.option("--trt-fp16", is_flag=True,
+                 help="TensorRT: build FP16 engines (engines are cached per pack in KM_EDGE_TRT_CACHE "
+                      "or ~/.cache/km-edge/trt)."),
 ]
 
 
@@ -320,16 +333,18 @@ def _next_pack_version(path: Path, pubkey: Path) -> int:
 @with_options(device_options)
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads.")
-def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, as_json):
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@with_options(provider_options)
+def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, provider, trt_fp16, as_json):
     """Predict labels (top-k) for images on the device runtime."""
-    runtime = _runtime(base_dir, pubkeys, backend, threads)
+    runtime = _runtime(base_dir, pubkeys, backend, threads, provider, trt_fp16)
     loaded = runtime.load_pack(pack_path)
     predictions = runtime.predict(list(images), top_k=top_k)
     pack = loaded.pack
     report = {
         "pack": {"task": pack.task, "version": pack.pack_version, "base_id": pack.base_id},
         "backend": backend,
+        "provider": runtime.provider.name,
         "predictions": predictions,
         "timings_ms": {k: round(v, 3) for k, v in loaded.timings_ms.items()},
     }
@@ -354,15 +369,53 @@ def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, as_js
 @with_options(device_options)
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--threads", default=None, type=int)
-def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threads, as_json):
+@click.option("--threads", default=None, type=click.IntRange(min=1))
+@with_options(provider_options)
+def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threads, provider, trt_fp16, as_json):
     """Accuracy of a pack on a labelled ImageFolder split, on the device runtime."""
-    runtime = _runtime(base_dir, pubkeys, backend, threads)
+    runtime = _runtime(base_dir, pubkeys, backend, threads, provider, trt_fp16)
     loaded = runtime.load_pack(pack_path)
     result = runtime.evaluate(directory, batch_size=batch_size, progress=not as_json)
     result["timings_ms"] = {k: round(v, 3) for k, v in loaded.timings_ms.items()}
     result["pack"] = {"task": loaded.pack.task, "version": loaded.pack.pack_version}
+    result["provider"] = runtime.provider.name
     _emit(result, as_json, f"{loaded.pack.task}: accuracy {result['accuracy']:.4f} on {result['n_images']} images")
+
+
+@command(main, "bench")
+@click.option("--pack", "pack_path", required=True, type=click.Path())
+@with_options(device_options)
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1, max=256),
+              help="The second inference batch size (batch 1 is always measured).")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1, max=1000),
+              help="Cold loads (and plain sessions) measured.")
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(min=2, max=10000),
+              help="Paired inference runs per batch size.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@with_options(provider_options)
+def bench_cmd(pack_path, base_dir, pubkeys, batch, repeats, runs, threads, provider, trt_fp16, as_json):
+    """Device-side profile of a pack: load breakdown, latency vs the plain base, RSS."""
+    from device_runtime.bench import profile_pack
+
+    runtime = _runtime(base_dir, pubkeys, "ort", threads, provider, trt_fp16)
+    report = profile_pack(runtime, pack_path, batch=batch, repeats=repeats, infer_runs=runs)
+    load, plain = report["load_ms"], report["plain_session_ms"]
+    lines = [
+        f"{report['task']} on {report['arch']} [{report['provider']}, threads {threads or 'default'}], "
+        f"medians (min) of {report['repeats']} in ms",
+        *(f"  {key:<10} {load[key]['median']:9.2f} ({load[key]['min']:.2f})"
+          for key in ("verify", "rebuild", "session", "total", "cache_hit")),
+        f"  plain base session {plain['median']:.2f} ({plain['min']:.2f}); load / plain "
+        f"{report['load_over_plain']['median']:.2f}x",
+        f"  rebuild / memory floor ({report['rebuild_floor_ms']['median']:.2f} ms for "
+        f"{report['conv_bytes'] / 2**20:.1f} MiB) {report['rebuild_over_floor']['median']:.2f}x",
+    ]
+    for name, row in report["infer_ms"].items():
+        lines.append(f"  infer {name}: pack p50 {row['pack']['median']:.2f} p90 {row['pack']['p90']:.2f}, "
+                     f"plain p50 {row['plain']['median']:.2f} p90 {row['plain']['p90']:.2f}; "
+                     f"pack / plain {row['ratio_median_paired']:.3f}")
+    lines.append(f"  RSS {report['rss_mib']['rss']:.1f} MiB (peak {report['rss_mib']['peak']:.1f})")
+    _emit(report, as_json, "\n".join(lines))
 
 
 @command(main, "verify")
