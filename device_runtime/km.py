@@ -126,16 +126,16 @@ def _modulator_arrays(weight_shape, tensors, kind: str):
     """(kind, w1, b1, w2, b2) as float32, after checking their shapes against the weight."""
     kind = resolve_kind(kind, weight_shape)
     d = vector_length(kind, weight_shape)
-    w1, b1, w2, b2 = (np.asarray(tensors[n], dtype=np.float32) for n in MODULATOR_TENSORS)
-    h = w1.shape[1] if w1.ndim == 2 else -1
-    expected = modulator_shapes(d, h)
-    for name, array in zip(MODULATOR_TENSORS, (w1, b1, w2, b2)):
-        if array.shape != expected[name]:
-            raise ShapeMismatchError(
-                f"modulator tensor {name} has shape {array.shape}, expected {expected[name]} "
-                f"for a {kind} modulator on a weight of shape {tuple(weight_shape)}"
-            )
-    return kind, w1, b1, w2, b2
+    arrays = [np.asarray(tensors[n], dtype=np.float32) for n in MODULATOR_TENSORS]
+    h = arrays[0].shape[1] if arrays[0].ndim == 2 else -1
+    if [a.shape for a in arrays] != [(d, h), (h,), (h, d), (d,)]:
+        expected = modulator_shapes(d, h)
+        name, array = next((n, a) for n, a in zip(MODULATOR_TENSORS, arrays) if a.shape != expected[n])
+        raise ShapeMismatchError(
+            f"modulator tensor {name} has shape {array.shape}, expected {expected[name]} "
+            f"for a {kind} modulator on a weight of shape {tuple(weight_shape)}"
+        )
+    return (kind, *arrays)
 
 
 def modulate(
@@ -172,10 +172,12 @@ _MIN_BLOCK_ROWS = 64
 _GELU_CA = np.float32(0.7978845608028654 * 0.044715)
 # what _activate_inplace leaves is act(x) times this (folded into w2 by the caller)
 _ACTIVATION_GAIN = {"relu": 1.0, "silu": 1.0, "tanh": 1.0, "gelu": 2.0}
+_NEEDS_SCRATCH = ("silu", "gelu")
 
 
-def _activate_inplace(x: np.ndarray, activation: str, tmp: np.ndarray) -> None:
-    """``x = act(x) * _ACTIVATION_GAIN[activation]`` in place; ``tmp`` is scratch of x's shape."""
+def _activate_inplace(x: np.ndarray, activation: str, tmp: np.ndarray | None) -> None:
+    """``x = act(x) * _ACTIVATION_GAIN[activation]`` in place; ``tmp``: scratch of x's shape
+    (silu and gelu)."""
     if activation == "relu":
         np.maximum(x, 0.0, out=x)
     elif activation == "silu":
@@ -222,34 +224,38 @@ def modulate_fast(
     if n == 0:
         return out
     # Augmented hidden [act(v @ w1 / s + b1), 1] so one matmul gives the whole gain:
-    # [a, 1] @ [[w2 / activation gain], [b2 + 1]] = g(v) + 1. Row-broadcast adds are slow in
-    # numpy, so b1 is added as a pre-tiled block of the same shape as the hidden block.
-    w1_aug = np.zeros((d, h + 1), dtype=np.float32)
-    w1_aug[:, :h] = w1 / np.float32(scale)
-    w2_aug = np.empty((h + 1, d), dtype=np.float32)
-    w2_aug[:h] = w2 / np.float32(_ACTIVATION_GAIN[activation])
-    w2_aug[h] = b2 + np.float32(1.0)
+    # [a, 1] @ [[w2 / activation gain], [b2 + 1]] = g(v) + 1. Few numpy calls per layer (their
+    # overhead is most of the cost on small layers), none that broadcasts over a large block.
+    first = np.zeros((d + 1, h + 1), dtype=np.float32)  # [[w1 / s, 0], [b1, 0]]
+    np.multiply(w1, 1.0 / float(scale), out=first[:d, :h])
+    first[d, :h] = b1
+    second = np.empty((h + 1, d), dtype=np.float32)  # [[w2 / gain], [b2 + 1]]
+    np.multiply(w2, 1.0 / _ACTIVATION_GAIN[activation], out=second[:h])
+    np.add(b2, 1.0, out=second[h])
+    w1_aug, b1_aug = first[:d], first[d]
     block = min(n, max(_MIN_BLOCK_ROWS, BLOCK_BYTES // (4 * (2 * d + 2 * (h + 1)))))
-    b1_tile = np.empty((block, h + 1), dtype=np.float32)
-    b1_tile[0, :h] = b1
-    b1_tile[0, h] = 0.0
-    filled = 1
-    while filled < block:  # doubling copies: contiguous, unlike a broadcast
-        step = min(filled, block - filled)
-        b1_tile[filled:filled + step] = b1_tile[:step]
-        filled += step
+    if block < n:  # several blocks: add b1 as a tiled block (a row-broadcast add is slow)
+        b1_add = np.empty((block, h + 1), dtype=np.float32)
+        b1_add[0] = b1_aug
+        filled = 1
+        while filled < block:  # doubling copies
+            step = min(filled, block - filled)
+            b1_add[filled:filled + step] = b1_add[:step]
+            filled += step
+    else:
+        b1_add = b1_aug
     hidden_buf = np.empty((block, h + 1), dtype=np.float32)
-    scratch_buf = np.empty((block, h + 1), dtype=np.float32)
+    scratch_buf = np.empty((block, h + 1), dtype=np.float32) if activation in _NEEDS_SCRATCH else None
     for start in range(0, n, block):
         stop = min(start + block, n)
         rows_in, rows_out = rows[start:stop], result[start:stop]
         m = stop - start
-        hidden, scratch = hidden_buf[:m], scratch_buf[:m]
-        np.matmul(rows_in, w1_aug, out=hidden)
-        hidden += b1_tile[:m]
-        _activate_inplace(hidden, activation, scratch)
+        hidden = hidden_buf[:m]
+        np.dot(rows_in, w1_aug, out=hidden)  # np.dot: far less call overhead than np.matmul
+        hidden += b1_add if block == n else b1_add[:m]
+        _activate_inplace(hidden, activation, None if scratch_buf is None else scratch_buf[:m])
         hidden[:, h] = 1.0
-        np.matmul(hidden, w2_aug, out=rows_out)
+        np.dot(hidden, second, out=rows_out)
         rows_out *= rows_in
     if not direct:
         out[...] = from_vectors(result, kind, weight.shape)
