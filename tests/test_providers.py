@@ -129,3 +129,18 @@ def test_cuda_logits_match_the_cpu(project):
     np.testing.assert_allclose(logits["cuda"], logits["cpu"], atol=1e-3, rtol=1e-3)
     assert make_backend("ort", root / "base" / "base.onnx", {}, provider="cuda").session.get_providers()[0] == \
         "CUDAExecutionProvider"
+
+
+def test_cli_offers_exactly_the_runtime_providers():
+    import click
+
+    from device_runtime.backends import PROVIDERS
+    from km_edge.cli import provider_options
+
+    @click.command()
+    @provider_options[0]
+    def probe(provider):
+        pass
+
+    choice = next(p for p in probe.params if p.name == "provider").type
+    assert tuple(choice.choices) == PROVIDERS
