@@ -129,6 +129,28 @@ def test_rebuild_kernels_builds_every_layer_into_one_buffer(threads):
         np.testing.assert_array_equal(kernel, rebuilt[name])
 
 
+@pytest.mark.parametrize("activation", km.ACTIVATIONS)
+def test_small_layers_rebuilt_together_match_the_definition(activation):
+    """Many small layers sharing (d, h, activation), of different lengths, next to big ones: what a
+    MobileNet looks like (depthwise 3x3 and 1x1 convs), batched by the rebuild."""
+    kernels, layers = {}, []
+    shapes = [((o, 1, 3, 3), "kernel", 8) for o in (16, 96, 144, 40)] + \
+             [((o, 24, 1, 1), "channel", 1) for o in (8, 144, 72)] + [((512, 24, 1, 1), "channel", 1)] + \
+             [((160, 256, 1, 1), "channel", 1), ((128, 64, 3, 3), "kernel", 8)]  # above SMALL_LAYER
+    for index, (shape, kind, hidden) in enumerate(shapes):
+        weight, tensors, scale = modulator(shape, kind, hidden, seed=20 + index)
+        kernels[f"c{index}"] = weight
+        layers.append({"name": f"c{index}", "adapter": "km", "kind": "auto", "activation": activation,
+                       "scale": scale, "tensors": tensors})
+    assert sum(km._group_key(kernels[l["name"]], l) is not None for l in layers) == 8
+    rebuilt = km.rebuild_kernels(kernels, layers)
+    for name, expected in expected_kernels(kernels, layers).items():
+        np.testing.assert_allclose(rebuilt[name], expected, rtol=TOLERANCE, atol=TOLERANCE)
+    bad = [dict(layers[0], tensors=dict(layers[0]["tensors"], b2=np.zeros(3, np.float32)))] + layers[1:]
+    with pytest.raises(ShapeMismatchError, match="b2"):
+        km.rebuild_kernels(kernels, bad)
+
+
 def test_rebuild_kernels_refusals():
     kernels, layers = model_layers()
     with pytest.raises(ValueError, match="buffer"):
