@@ -186,16 +186,8 @@ class Runtime:
 
     def _build(self, pack, digest: str, timings: dict):
         """Rebuild the pack's kernels and create its session (timings: rebuild, session)."""
-        base_kernels = self.base.conv_kernels()
-        shared = [layer for layer in pack.layers if layer["name"] in self._shared_layers]
-        kept = [layer for layer in pack.layers if layer["name"] not in self._shared_layers]
         with _Stopwatch(timings, "rebuild"):
-            if self._shared_buffer.size < km.rebuild_size(base_kernels, shared):
-                # sized once for every shared layer of the base, so it is never reallocated
-                size = sum(int(np.prod(self.base.conv_shapes[name])) for name in self._shared_layers)
-                self._shared_buffer = np.empty(size, dtype=np.float32)
-            kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer)
-            kernels.update(km.rebuild_kernels(base_kernels, kept, self.threads))
+            kernels = self.rebuild_kernels(pack)
         overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
         for layer in pack.bn:
             for tensor_name, array in layer["tensors"].items():
@@ -203,6 +195,22 @@ class Runtime:
         with _Stopwatch(timings, "session"):
             return make_backend(self.backend_name, self.base.graph_path, overrides, self.threads,
                                 provider=self._provider_for(pack, digest))
+
+    def rebuild_kernels(self, pack) -> dict[str, np.ndarray]:
+        """The checked ``pack``'s adapted kernels, as a load builds them: kernels onnxruntime
+        fuses at load go into the shared buffer (valid until the next rebuild), the rest into
+        an array of their own. Callers other than ``load_pack`` must hold no session built from
+        an earlier result that still needs it (only ``bench`` does this)."""
+        base_kernels = self.base.conv_kernels()
+        shared = [layer for layer in pack.layers if layer["name"] in self._shared_layers]
+        kept = [layer for layer in pack.layers if layer["name"] not in self._shared_layers]
+        if self._shared_buffer.size < km.rebuild_size(base_kernels, shared):
+            # sized once for every shared layer of the base, so it is never reallocated
+            size = sum(int(np.prod(self.base.conv_shapes[name])) for name in self._shared_layers)
+            self._shared_buffer = np.empty(size, dtype=np.float32)
+        kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer)
+        kernels.update(km.rebuild_kernels(base_kernels, kept, self.threads))
+        return kernels
 
     def _provider_for(self, pack, digest: str):
         if self.backend_name != "ort":

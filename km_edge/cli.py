@@ -409,6 +409,8 @@ def bench_cmd(pack_path, base_dir, pubkeys, batch, repeats, runs, threads, provi
         f"{report['load_over_plain']['median']:.2f}x",
         f"  rebuild / memory floor ({report['rebuild_floor_ms']['median']:.2f} ms for "
         f"{report['conv_bytes'] / 2**20:.1f} MiB) {report['rebuild_over_floor']['median']:.2f}x",
+        f"  CPU time: load / plain {report['cpu_load_over_plain']['median']:.2f}x, "
+        f"rebuild / floor {report['cpu_rebuild_over_floor']['median']:.2f}x",
     ]
     for name, row in report["infer_ms"].items():
         lines.append(f"  infer {name}: pack p50 {row['pack']['median']:.2f} p90 {row['pack']['p90']:.2f}, "
