@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench-transfer bench-transfer-quick clean
+.PHONY: demo test test-fast bench-transfer bench-transfer-quick bench-device clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test-fast: $(STAMP)
 
 bench-transfer: $(STAMP)
 	$(BIN)/python benchmarks/transfer.py
+
+bench-device: $(STAMP)
+	$(BIN)/python benchmarks/device.py
 
 bench-transfer-quick: $(STAMP)
 	$(BIN)/python benchmarks/transfer.py --quick --out benchmarks/results/quick
