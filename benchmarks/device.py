@@ -125,9 +125,12 @@ def child_rotation(base: str, pubkey: str, packs: list[str]) -> dict:
 
 
 def ort_side_graph(runtime, pack) -> bytes:
-    """The base graph with a KM subgraph (Reshape, MatMul, FastGelu, MatMul, Add, Mul, Reshape) in
-    front of every adapted Conv; all its inputs are initializers, so ORT's constant folding builds
-    the modulated kernels at session creation with its own kernels."""
+    """The base graph with a KM subgraph (Reshape, MatMul, Add, tanh-GELU, MatMul, Add, Mul,
+    Reshape) in front of every adapted Conv; all its inputs are initializers, so ORT's constant
+    folding builds the modulated kernels at session creation with its own kernels.
+
+    GELU is written with standard ops: ORT 1.32 does not constant-fold the contrib op FastGelu
+    (the subgraph then runs at every inference; measured 4.9x slower inference on resnet18)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -148,12 +151,22 @@ def ort_side_graph(runtime, pack) -> bytes:
         p = f"km.{layer['name']}."
         arrays = {"vshape": np.array([-1, d], np.int64), "wshape": np.array(shape, np.int64),
                   "w1": (t["w1"] / np.float32(layer["scale"])).astype(np.float32), "b1": t["b1"],
-                  "w2": t["w2"], "b2": (t["b2"] + 1).astype(np.float32)}
+                  "w2": (t["w2"] * np.float32(0.5)).astype(np.float32), "b2": (t["b2"] + 1).astype(np.float32),
+                  "ca": np.array(0.7978845608028654 * 0.044715, np.float32),
+                  "c": np.array(0.7978845608028654, np.float32), "one": np.array(1.0, np.float32)}
         new_inits += [numpy_helper.from_array(np.asarray(a), p + k) for k, a in arrays.items()]
         new_nodes += [
             helper.make_node("Reshape", [name, p + "vshape"], [p + "v"]),
-            helper.make_node("MatMul", [p + "v", p + "w1"], [p + "h"]),
-            helper.make_node("FastGelu", [p + "h", p + "b1"], [p + "a"], domain="com.microsoft"),
+            helper.make_node("MatMul", [p + "v", p + "w1"], [p + "h0"]),
+            helper.make_node("Add", [p + "h0", p + "b1"], [p + "h"]),
+            # 2 gelu(h) = h * (1 + tanh(h * (c + ca h^2))); the 0.5 is folded into w2
+            helper.make_node("Mul", [p + "h", p + "h"], [p + "h2"]),
+            helper.make_node("Mul", [p + "h2", p + "ca"], [p + "t0"]),
+            helper.make_node("Add", [p + "t0", p + "c"], [p + "t1"]),
+            helper.make_node("Mul", [p + "t1", p + "h"], [p + "t2"]),
+            helper.make_node("Tanh", [p + "t2"], [p + "t3"]),
+            helper.make_node("Add", [p + "t3", p + "one"], [p + "t4"]),
+            helper.make_node("Mul", [p + "h", p + "t4"], [p + "a"]),
             helper.make_node("MatMul", [p + "a", p + "w2"], [p + "g"]),
             helper.make_node("Add", [p + "g", p + "b2"], [p + "g1"]),
             helper.make_node("Mul", [p + "v", p + "g1"], [p + "vm"]),
@@ -164,7 +177,6 @@ def ort_side_graph(runtime, pack) -> bytes:
     nodes = new_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model.SerializeToString()
 
 
@@ -191,7 +203,15 @@ def child_ort_side(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
     images = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
     backend, _ = ort_side_load()
     runtime.load_pack(pack_path)
-    max_diff = float(np.abs(backend.features(images) - runtime.features(images)).max())
+    ours, theirs = runtime.features(images), backend.features(images)
+    max_diff = float(np.abs(theirs - ours).max() / max(1e-30, float(np.abs(ours).max())))
+    # folded or not: a subgraph ORT did not fold would run at every inference
+    infer = {"numpy": [], "ort_side": []}
+    for _ in range(5):
+        for key, model in (("numpy", runtime), ("ort_side", backend)):
+            start = time.perf_counter()
+            model.features(images[:1])
+            infer[key].append((time.perf_counter() - start) * 1000.0)
     ort_ms, numpy_ms = [], []
     for _ in range(repeats):
         del backend
@@ -204,7 +224,8 @@ def child_ort_side(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
     graph_copy.unlink()
     return {"ort_side_load_ms": {"median": statistics.median(ort_ms), "min": min(ort_ms)},
             "numpy_load_ms": {"median": statistics.median(numpy_ms), "min": min(numpy_ms)},
-            "features_max_abs_diff": max_diff, "onnxruntime": ort.__version__}
+            "features_max_rel_diff": max_diff, "onnxruntime": ort.__version__,
+            "infer_batch1_ms": {k: statistics.median(v) for k, v in infer.items()}}
 
 
 # --- the parent ---------------------------------------------------------------------------------
@@ -312,8 +333,8 @@ def write_markdown(path: Path, results: dict) -> None:
             "## Alternative: onnxruntime does the rebuild (KM subgraph constant-folded at session creation)",
             "",
             "| base | numpy rebuild + session (km-edge) | ORT-side: graph rewrite + session | ORT-side / numpy | "
-            "features max diff |",
-            "|---|---|---|---|---|",
+            "features max diff (relative) | infer batch 1: km-edge / ORT-side |",
+            "|---|---|---|---|---|---|",
         ]
         for arch, row in results["bases"].items():
             r = row.get("ort_side")
@@ -322,7 +343,8 @@ def write_markdown(path: Path, results: dict) -> None:
                     f"| {arch} | {fmt(r['numpy_load_ms']['median'])} ({fmt(r['numpy_load_ms']['min'])}) | "
                     f"{fmt(r['ort_side_load_ms']['median'])} ({fmt(r['ort_side_load_ms']['min'])}) | "
                     f"**{r['ort_side_load_ms']['median'] / r['numpy_load_ms']['median']:.2f}×** | "
-                    f"{r['features_max_abs_diff']:.1e} |")
+                    f"{r['features_max_rel_diff']:.1e} | {fmt(r['infer_batch1_ms']['numpy'])} / "
+                    f"{fmt(r['infer_batch1_ms']['ort_side'])} ms |")
     lines += ["", "## GPU execution providers", "", results["gpu_note"], ""]
     path.write_text("\n".join(lines))
 
