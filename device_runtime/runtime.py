@@ -138,7 +138,7 @@ class Runtime:
             self._shared_layers = {name for name in self.base.conv_shapes
                                    if self.base.initializer_for(name) in fused}
         self._shared_buffer = np.zeros(0, dtype=np.float32)
-        self._build_lock = threading.Lock()  # the shared buffer serves one load at a time
+        self._build_lock = threading.RLock()  # the shared buffer serves one rebuild at a time
         self._newest_version: dict[str, int] = {}  # task -> highest pack_version loaded
         self.active: LoadedPack | None = None
 
@@ -198,9 +198,12 @@ class Runtime:
 
     def rebuild_kernels(self, pack) -> dict[str, np.ndarray]:
         """The checked ``pack``'s adapted kernels, as a load builds them: kernels onnxruntime
-        fuses at load go into the shared buffer (valid until the next rebuild), the rest into
-        an array of their own. Callers other than ``load_pack`` must hold no session built from
-        an earlier result that still needs it (only ``bench`` does this)."""
+        fuses at load go into the shared buffer (so they are valid until the next rebuild; a
+        session never reads them after its creation), the rest into an array of their own."""
+        with self._build_lock:
+            return self._rebuild_kernels(pack)
+
+    def _rebuild_kernels(self, pack) -> dict[str, np.ndarray]:
         base_kernels = self.base.conv_kernels()
         shared = [layer for layer in pack.layers if layer["name"] in self._shared_layers]
         kept = [layer for layer in pack.layers if layer["name"] not in self._shared_layers]
