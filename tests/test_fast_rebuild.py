@@ -279,3 +279,34 @@ def test_evicted_packs_are_released(tmp_path, signer):
     assert all(ref() is None for ref in backends)
     runtime.load_pack(packs[0])
     assert runtime.features(random_images(1)).shape == (1, 10)
+
+
+def test_cache_hit_on_an_unchanged_file_skips_reading_it_and_a_changed_file_is_read(tmp_path, signer, monkeypatch):
+    import device_runtime.runtime as runtime_module
+
+    key, trusted = signer
+    export(tmp_path / "base")
+    runtime = Runtime(tmp_path / "base", trusted, cache_size=2)
+    reads = []
+
+    def counting_read(path, *args, **kwargs):
+        reads.append(str(path))
+        return read_pack_file(path, *args, **kwargs)
+
+    from device_runtime.packformat import read_pack_file
+
+    monkeypatch.setattr(runtime_module, "read_pack_file", counting_read)
+    monkeypatch.setattr(runtime_module, "_SETTLED_NS", 0)  # the file counts as settled at once
+    path = make_pack(tmp_path / "task.kmp", runtime.base, key, task="t", version=1, seed=1)
+    first = runtime.load_pack(path)
+    runtime.load_pack(path)
+    assert len(reads) == 1 and runtime.active is first  # second load: stat only
+    make_pack(path, runtime.base, key, task="t", version=2, seed=2)  # rewritten in place
+    second = runtime.load_pack(path)
+    assert len(reads) == 2 and second is not first and second.pack.pack_version == 2
+    monkeypatch.setattr(runtime_module, "_SETTLED_NS", 10**18)  # a file changed "just now"
+    other = make_pack(tmp_path / "other.kmp", runtime.base, key, task="o", seed=3)
+    runtime.load_pack(other)
+    runtime.load_pack(other)
+    assert len(reads) == 4  # too fresh to trust its time stamps: read again (and still a cache hit)
+    assert runtime.active.timings_ms["rebuild"] == 0.0
