@@ -13,8 +13,10 @@ How ``W`` is cut into the vectors that ``g`` maps is the modulator *kind*:
 * ``auto``:    ``kernel`` where ``kh*kw > 1``, ``channel`` on 1x1 convs.
 
 The torch parametrization in ``km_edge.adapters`` imports the layout helpers below and is tested
-against :func:`modulate`. The same module holds the LoRA update so packs of that baseline can run
-on the device too.
+against :func:`modulate`, the definition. The device rebuilds with :func:`modulate_fast` (through
+:func:`rebuild_kernels`): the same numbers within float32 rounding, computed near the memory floor
+(tests/test_fast_rebuild.py holds the two together). The same module holds the LoRA update so
+packs of that baseline can run on the device too.
 """
 
 from __future__ import annotations
