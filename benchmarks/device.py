@@ -345,8 +345,34 @@ def write_markdown(path: Path, results: dict) -> None:
                     f"**{r['ort_side_load_ms']['median'] / r['numpy_load_ms']['median']:.2f}×** | "
                     f"{r['features_max_rel_diff']:.1e} | {fmt(r['infer_batch1_ms']['numpy'])} / "
                     f"{fmt(r['infer_batch1_ms']['ort_side'])} ms |")
-    lines += ["", "## GPU execution providers", "", results["gpu_note"], ""]
+    lines += ["", "## GPU execution providers", "", results["gpu_note"], "", *target_lines(results), ""]
     path.write_text("\n".join(lines))
+
+
+TARGETS = {  # issue 9's targets: figure -> bound
+    "rebuild / floor (wall)": 3.0,
+    "load_pack / plain session (wall)": 1.3,
+    "RSS after 40 loads / after cache full": 1.1,
+    "inference pack / plain (batch 1 and 8)": 1.02,
+}
+
+
+def target_lines(results: dict) -> list[str]:
+    """Which figures of this run meet the targets, by base (medians; a noisy machine moves them)."""
+    lines = ["## Targets in this run", "", "| base | " + " | ".join(f"{k} ≤ {v}" for k, v in TARGETS.items()) + " |",
+             "|---|" + "---|" * len(TARGETS)]
+    for arch, row in results["bases"].items():
+        bench = row["bench"]
+        figures = [
+            max(bench[d]["rebuild_over_floor"]["median"] for d in ("fp32", "fp16")),
+            max(bench[d]["load_over_plain"]["median"] for d in ("fp32", "fp16")),
+            row["rotation"]["growth_after_full"],
+            max(r["ratio_median_paired"] for r in bench["fp32"]["infer_ms"].values()),
+        ]
+        cells = [f"{value:.2f} {'✓' if value <= bound else '✗'}" for value, bound in zip(figures, TARGETS.values())]
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+    lines += ["", "Worst of the fp32 and fp16 packs (and of both batch sizes)."]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -359,6 +385,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=12, help="paired inference runs per batch size")
     parser.add_argument("--no-ort-side", action="store_true", help="skip the ORT-side rebuild experiment")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite device.md from device.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -368,6 +395,10 @@ def main(argv=None) -> int:
             print(json.dumps(child_rotation(rest[0], rest[1], rest[2:])))
         elif kind == "ort-side":
             print(json.dumps(child_ort_side(rest[0], rest[1], rest[2], int(rest[3]))))
+        return 0
+
+    if args.markdown_only:
+        write_markdown(args.out / "device.md", json.loads((args.out / "device.json").read_text()))
         return 0
 
     import numpy
