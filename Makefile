@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-arm64 bench-transfer bench-transfer-quick bench-serve clean
+.PHONY: demo test test-fast test-arm64 bench-transfer bench-transfer-quick bench-serve bench-device clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test-arm64: $(STAMP)
 
 bench-transfer: $(STAMP)
 	$(BIN)/python benchmarks/transfer.py
+
+bench-device: $(STAMP)
+	$(BIN)/python benchmarks/device.py
 
 bench-transfer-quick: $(STAMP)
 	$(BIN)/python benchmarks/transfer.py --quick --out benchmarks/results/quick

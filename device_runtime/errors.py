@@ -105,3 +105,7 @@ class OutputError(KmEdgeError):
 
 class CheckpointError(KmEdgeError):
     """A task checkpoint or base weights file is missing or does not fit the model."""
+
+
+class ProviderError(KmEdgeError):
+    """An onnxruntime execution provider (cuda, tensorrt) was asked for but cannot run here."""

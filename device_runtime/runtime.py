@@ -7,12 +7,20 @@ anything is built, so a refused pack leaves the active one untouched. Kernels ar
 load; sessions are cached by the pack file's sha256 so switching back to a recent task is cheap.
 Given a ``rollback.RollbackState``, the "not older" rule also holds across processes and restarts:
 a pack older than the version the device recorded is refused, and every activated pack is recorded.
+
+Memory: on the CPU provider, kernels that onnxruntime fuses into BatchNorm while it builds the
+session (``backends.fused_at_load``) are rebuilt into one buffer reused by every load, so a cached
+pack costs what onnxruntime holds, not another copy of the conv weights; evicting a pack hands
+freed memory back to the OS (``malloc_trim`` on glibc), so RSS stays bounded by the cache size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -22,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import km, limits
-from .backends import make_backend
+from .backends import ProviderConfig, fused_at_load, make_backend
 from .basefiles import BN_TENSORS, Base
 from .errors import (
     BaseMismatchError,
@@ -36,7 +44,29 @@ from .imagefolder import list_image_folder
 from .pack import read_pack, read_pack_file
 from .preprocess import check_spec, load_image, neutral_batch, preprocess
 
-__all__ = ["Runtime", "LoadedPack", "top_predictions"]
+__all__ = ["Runtime", "LoadedPack", "release_memory", "top_predictions"]
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim``, or None (musl, macOS, Windows: nothing to call)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_memory() -> bool:
+    """Return freed heap memory to the OS (glibc keeps it otherwise); True where it could."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 @dataclass
@@ -78,6 +108,25 @@ def top_predictions(logits: np.ndarray, labels: list[str], top_k: int) -> list[l
     return rows
 
 
+_SETTLED_NS = 2_000_000_000  # a file changed less than this ago may change again unseen
+
+
+def _file_signature(path: Path) -> tuple | None:
+    """What changes whenever a file's bytes do: a cache hit on an unchanged file skips
+    reading and hashing it (the sha256 of a 0.7 MB pack alone is ~2 ms on a small CPU)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _settled(signature: tuple | None) -> bool:
+    """Whether a signature can stand for the bytes: not when the file changed so recently that
+    a rewrite within the file system's timestamp granularity would keep the same times."""
+    return signature is not None and time.time_ns() - max(signature[3], signature[4]) > _SETTLED_NS
+
+
 class _Stopwatch:
     """Adds the elapsed milliseconds of a ``with`` block to ``timings[key]``."""
 
@@ -116,7 +165,9 @@ class Runtime:
 
     def __init__(self, base_dir: str | os.PathLike, trusted_keys: Mapping[str, object],
                  backend: str = "ort", threads: int | None = None, verify_base: bool = True,
-                 cache_size: int = 4, rollback=None):
+                 cache_size: int = 4, rollback=None, provider: str | None = None, trt_fp16: bool = False,
+                 trt_cache_dir: str | os.PathLike | None = None):
+        self.provider = ProviderConfig(provider, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir)
         self.base = Base.open(base_dir, verify=verify_base)
         self.rollback = rollback  # a rollback.RollbackState, or None: no persistent record
         self.trusted_keys = dict(trusted_keys)
@@ -124,6 +175,16 @@ class Runtime:
         self.threads = threads
         self.cache_size = max(1, int(cache_size))
         self._cache: OrderedDict[str, LoadedPack] = OrderedDict()
+        self._digests: dict[str, tuple] = {}  # path -> (file signature, sha256) of cached packs
+        # conv layers whose rebuilt kernel onnxruntime copies (fuses) at load: rebuilt into one
+        # buffer shared by all loads (CPU provider only; GPU providers keep every override alive)
+        self._shared_layers: set[str] = set()
+        if backend == "ort" and self.provider.name == "cpu":
+            fused = fused_at_load(self.base.graph_path)
+            self._shared_layers = {name for name in self.base.conv_shapes
+                                   if self.base.initializer_for(name) in fused}
+        self._shared_buffer = np.zeros(0, dtype=np.float32)
+        self._build_lock = threading.RLock()  # the shared buffer serves one rebuild at a time
         self._newest_version: dict[str, int] = {}  # task -> highest pack_version loaded
         self.active: LoadedPack | None = None
 
@@ -151,11 +212,22 @@ class Runtime:
         self.base.check_unchanged()  # the files onnxruntime reads are still the ones verified
         timings: dict[str, float] = {}
         with _Stopwatch(timings, "verify"):
-            data = read_pack_file(path) if data is None else bytes(data)
-            digest = hashlib.sha256(data).hexdigest()
-            cached = self._cache.get(digest)
-            # identical bytes were verified and checked against this base when first loaded
-            pack = cached.pack if cached else read_pack(data, self.trusted_keys, name=path.name)
+            signature = None if data is not None else _file_signature(path)
+            known = self._digests.get(str(path))
+            if signature is not None and known is not None and known[0] == signature \
+                    and known[1] in self._cache:
+                # the very file hashed before, untouched since (see _file_signature): no re-read
+                digest = known[1]
+                cached = self._cache[digest]
+                pack = cached.pack
+            else:
+                data = read_pack_file(path) if data is None else bytes(data)
+                digest = hashlib.sha256(data).hexdigest()
+                cached = self._cache.get(digest)
+                # identical bytes were verified and checked against this base when first loaded
+                pack = cached.pack if cached else read_pack(data, self.trusted_keys, name=path.name)
+                if _settled(signature):
+                    self._digests[str(path)] = (signature, digest)
         if cached is not None:
             self._check_version(path, pack)
             self._cache.move_to_end(digest)
@@ -167,22 +239,73 @@ class Runtime:
 
         self._check_against_base(path, pack)
         self._check_version(path, pack)
+        with self._build_lock:
+            backend = self._build(path, pack, digest, timings)
+        loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings)
+        self._cache[digest] = loaded
+        while len(self._cache) > self.cache_size:
+            self._evict(next(iter(self._cache)))
+        return self._activate(loaded)
+
+    def _build(self, path: Path, pack, digest: str, timings: dict):
+        """Rebuild the pack's kernels and create its session (timings: rebuild, session); the
+        kernels and the scores on a probe image are checked finite before anything is kept."""
         # overflow in a hostile pack's rebuild is refused just below, not warned about
         with _Stopwatch(timings, "rebuild"), np.errstate(all="ignore"):
-            kernels = km.rebuild_kernels(self.base.conv_kernels(), pack.layers)
+            kernels = self.rebuild_kernels(pack)
         limits.check_finite_kernels(path.name, kernels)
         overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
         for layer in pack.bn:
             for tensor_name, array in layer.tensors.items():
                 overrides[self.base.initializer_for(layer.name, tensor_name)] = array
         with _Stopwatch(timings, "session"):
-            backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads)
+            backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads,
+                                   provider=self._provider_for(pack, digest))
         self._check_scores(path, pack, backend)
-        loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings)
-        self._cache[digest] = loaded
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return self._activate(loaded)
+        return backend
+
+    def rebuild_kernels(self, pack) -> dict[str, np.ndarray]:
+        """The checked ``pack``'s adapted kernels, as a load builds them: kernels onnxruntime
+        fuses at load go into the shared buffer (so they are valid until the next rebuild; a
+        session never reads them after its creation), the rest into an array of their own."""
+        with self._build_lock:
+            return self._rebuild_kernels(pack)
+
+    def _rebuild_kernels(self, pack) -> dict[str, np.ndarray]:
+        base_kernels = self.base.conv_kernels()
+        shared = [layer for layer in pack.layers if layer.name in self._shared_layers]
+        kept = [layer for layer in pack.layers if layer.name not in self._shared_layers]
+        if self._shared_buffer.size < km.rebuild_size(base_kernels, shared):
+            # sized once for every shared layer of the base, so it is never reallocated
+            size = sum(int(np.prod(self.base.conv_shapes[name])) for name in self._shared_layers)
+            self._shared_buffer = np.empty(size, dtype=np.float32)
+        kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer)
+        kernels.update(km.rebuild_kernels(base_kernels, kept, self.threads))
+        return kernels
+
+    def _provider_for(self, pack, digest: str):
+        if self.backend_name != "ort":
+            return None
+        # TensorRT engines depend on the kernels: one cache folder per (pack, base)
+        return self.provider.for_key(f"{digest[:16]}-{str(self.base.base_id)[:16]}")
+
+    def _evict(self, digest: str) -> None:
+        if self._cache.pop(digest) is self.active:
+            self.active = None
+        self._digests = {p: known for p, known in self._digests.items() if known[1] != digest}
+        release_memory()
+
+    def clear_cache(self) -> None:
+        """Drop every cached session (the active one too) and hand the memory back to the OS."""
+        self._cache.clear()
+        self._digests.clear()
+        self.active = None
+        release_memory()
+
+    @property
+    def cached(self) -> list[str]:
+        """sha256 of the cached packs, least recently used first."""
+        return list(self._cache)
 
     def _activate(self, loaded: LoadedPack) -> LoadedPack:
         task, version = loaded.pack.task, int(loaded.pack.pack_version)

@@ -1,8 +1,8 @@
 """The ``km-edge`` command line.
 
-Device commands (run, eval, verify, inspect, serve) import only ``device_runtime``, so the CLI starts
-on a device install without torch; host commands import torch lazily inside their bodies, and serve
-imports its HTTP stack only inside its body. Every command
+Device commands (run, eval, bench, verify, inspect, serve) import only ``device_runtime``, so the CLI
+starts on a device install without torch; host commands import torch lazily inside their bodies, and
+serve imports its HTTP stack only inside its body. Every command
 takes ``--json``; user errors print one line and exit 2, internal failures exit 1.
 """
 
@@ -169,11 +169,14 @@ def _trusted_keys(pubkeys):
     return load_trust(pubkeys, trust, revoked)
 
 
-def _runtime(base_dir, pubkeys, backend="ort", threads=None, rollback=None, **extra):
+def _runtime(base_dir, pubkeys, backend="ort", threads=None, provider=None, trt_fp16=False, rollback=None,
+             **extra):
     from device_runtime.runtime import Runtime
 
     return Runtime(_default_base_dir(base_dir), _trusted_keys(pubkeys), backend=backend,
-                   threads=threads, rollback=rollback, **extra)
+                   threads=threads, provider=provider, trt_fp16=trt_fp16, rollback=rollback,
+                   trt_cache_dir=os.environ.get("KM_EDGE_TRT_CACHE") or Path.home() / ".cache" / "km-edge" / "trt",
+                   **extra)
 
 
 def _rollback_state(state_path):
@@ -199,6 +202,17 @@ device_options = [
     click.option("--revoked", "revocation_file", type=click.Path(dir_okay=False), expose_value=False,
                  callback=_remember,
                  help="Revocation list the device honours [KM_EDGE_REVOKED or ./keys/revoked.json if present]."),
+]
+
+
+# the names are device_runtime.backends.PROVIDERS (not imported here: it pulls in onnxruntime)
+provider_options = [
+    click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"], case_sensitive=False),
+                  default="cpu", show_default=True, envvar="KM_EDGE_PROVIDER",
+                  help="onnxruntime execution provider; auto takes the best available [KM_EDGE_PROVIDER]."),
+    click.option("--trt-fp16", is_flag=True,
+                 help="TensorRT: build FP16 engines (engines are cached per pack in KM_EDGE_TRT_CACHE "
+                      "or ~/.cache/km-edge/trt)."),
 ]
 
 
@@ -426,16 +440,18 @@ def _next_pack_version(path: Path, pubkey: Path) -> int:
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
+@with_options(provider_options)
 @state_option
-def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, state_path, as_json):
+def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, provider, trt_fp16, state_path, as_json):
     """Predict labels (top-k) for images on the device runtime."""
-    runtime = _runtime(base_dir, pubkeys, backend, threads, rollback=_rollback_state(state_path))
+    runtime = _runtime(base_dir, pubkeys, backend, threads, provider, trt_fp16, rollback=_rollback_state(state_path))
     loaded = runtime.load_pack(pack_path)
     predictions = runtime.predict(list(images), top_k=top_k)
     pack = loaded.pack
     report = {
         "pack": {"task": pack.task, "version": pack.pack_version, "base_id": pack.base_id},
         "backend": backend,
+        "provider": runtime.provider.name,
         "predictions": predictions,
         "timings_ms": {k: round(v, 3) for k, v in loaded.timings_ms.items()},
     }
@@ -461,19 +477,60 @@ def run_cmd(pack_path, images, base_dir, pubkeys, backend, top_k, threads, state
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
+@with_options(provider_options)
 @state_option
-def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threads, state_path, as_json):
+def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threads, provider, trt_fp16, state_path,
+             as_json):
     """Accuracy of a pack on a labelled ImageFolder split, on the device runtime."""
-    runtime = _runtime(base_dir, pubkeys, backend, threads, rollback=_rollback_state(state_path))
+    runtime = _runtime(base_dir, pubkeys, backend, threads, provider, trt_fp16, rollback=_rollback_state(state_path))
     loaded = runtime.load_pack(pack_path)
     result = runtime.evaluate(directory, batch_size=batch_size, progress=not as_json)
     result["timings_ms"] = {k: round(v, 3) for k, v in loaded.timings_ms.items()}
     result["pack"] = {"task": loaded.pack.task, "version": loaded.pack.pack_version}
+    result["provider"] = runtime.provider.name
     lines = [f"{printable(loaded.pack.task)}: accuracy {result['accuracy']:.4f} on {result['n_images']} images"]
     if result["errors"]:  # skipped images are listed, not hidden
         lines.append(f"{len(result['errors'])} unreadable images skipped (not counted):")
         lines += [f"  {printable(item['error'], MESSAGE_LIMIT)}" for item in result["errors"]]
     _emit(result, as_json, "\n".join(lines))
+
+
+@command(main, "bench")
+@click.option("--pack", "pack_path", required=True, type=click.Path())
+@with_options(device_options)
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1, max=256),
+              help="The second inference batch size (batch 1 is always measured).")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1, max=1000),
+              help="Cold loads (and plain sessions) measured.")
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(min=2, max=10000),
+              help="Paired inference runs per batch size.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@with_options(provider_options)
+def bench_cmd(pack_path, base_dir, pubkeys, batch, repeats, runs, threads, provider, trt_fp16, as_json):
+    """Device-side profile of a pack: load breakdown, latency vs the plain base, RSS."""
+    from device_runtime.bench import profile_pack
+
+    runtime = _runtime(base_dir, pubkeys, "ort", threads, provider, trt_fp16)
+    report = profile_pack(runtime, pack_path, batch=batch, repeats=repeats, infer_runs=runs)
+    load, plain = report["load_ms"], report["plain_session_ms"]
+    lines = [
+        f"{report['task']} on {report['arch']} [{report['provider']}, threads {threads or 'default'}], "
+        f"medians (min) of {report['repeats']} in ms",
+        *(f"  {key:<10} {load[key]['median']:9.2f} ({load[key]['min']:.2f})"
+          for key in ("verify", "rebuild", "session", "total", "cache_hit")),
+        f"  plain base session {plain['median']:.2f} ({plain['min']:.2f}); load / plain "
+        f"{report['load_over_plain']['median']:.2f}x",
+        f"  rebuild / memory floor ({report['rebuild_floor_ms']['median']:.2f} ms for "
+        f"{report['conv_bytes'] / 2**20:.1f} MiB) {report['rebuild_over_floor']['median']:.2f}x",
+        f"  CPU time: load / plain {report['cpu_load_over_plain']['median']:.2f}x, "
+        f"rebuild / floor {report['cpu_rebuild_over_floor']['median']:.2f}x",
+    ]
+    for name, row in report["infer_ms"].items():
+        lines.append(f"  infer {name}: pack p50 {row['pack']['median']:.2f} p90 {row['pack']['p90']:.2f}, "
+                     f"plain p50 {row['plain']['median']:.2f} p90 {row['plain']['p90']:.2f}; "
+                     f"pack / plain {row['ratio_median_paired']:.3f}")
+    lines.append(f"  RSS {report['rss_mib']['rss']:.1f} MiB (peak {report['rss_mib']['peak']:.1f})")
+    _emit(report, as_json, "\n".join(lines))
 
 
 @command(main, "verify")
@@ -557,19 +614,6 @@ def _read_token(path) -> bytes:
     return token
 
 
-def _provider_arguments(provider) -> dict:
-    """``--provider`` for the Runtime, if this Runtime takes an execution-provider choice."""
-    if not provider:
-        return {}
-    import inspect
-
-    from device_runtime.runtime import Runtime
-
-    if "provider" not in inspect.signature(Runtime).parameters:
-        raise ConfigError("--provider: this Runtime takes no execution-provider choice; drop the flag")
-    return {"provider": provider}
-
-
 @command(main, "serve")
 @with_options(device_options)
 @click.option("--packs", "packs_dir", type=click.Path(file_okay=False),
@@ -578,7 +622,7 @@ def _provider_arguments(provider) -> dict:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--cache-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Tasks keeping a built session; others are rebuilt on their next request.")
-@click.option("--provider", default=None, help="onnxruntime execution provider, passed to the Runtime.")
+@with_options(provider_options)
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads per session.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Inference threads.")
@@ -601,7 +645,7 @@ def _provider_arguments(provider) -> dict:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log", is_flag=True, help="Log every request.")
-def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, provider, backend, threads, workers,
+def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, provider, trt_fp16, backend, threads, workers,
               queue_size, token_file, state_path, poll_interval, keep_removed, max_body_mb, max_images,
               max_pixels, shutdown_timeout, log_level, access_log, as_json):
     """Serve every task pack in a folder over HTTP; new pack versions are swapped in while serving."""
@@ -624,8 +668,7 @@ def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, provider, ba
     token = _read_token(token_file) if token_file else None
     rollback = _rollback_state(state_path)
     # the catalog keeps its own session cache; the Runtime's holds only the latest build
-    runtime = _runtime(base_dir, pubkeys, backend, threads, rollback=rollback, cache_size=1,
-                       **_provider_arguments(provider))
+    runtime = _runtime(base_dir, pubkeys, backend, threads, provider, trt_fp16, rollback=rollback, cache_size=1)
     options = ServeOptions(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_pixels=max_pixels,
                            workers=workers, queue_size=queue_size, token=token)
     catalog = PackCatalog(runtime, packs, cache_size=cache_size, unload_removed=not keep_removed)
