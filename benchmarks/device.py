@@ -65,7 +65,7 @@ def prepare(arch: str, workdir: Path, key_path: Path) -> dict:
 
     from device_runtime.keys import load_private_key
     from device_runtime.km import ModulatorSpec
-    from device_runtime.packformat import build_pack, write_pack
+    from device_runtime.pack import build_pack, write_pack
     from km_edge.adapters import attach_km
     from km_edge.export import export_base
 
@@ -140,17 +140,17 @@ def ort_side_graph(runtime, pack) -> bytes:
     convs = {node.input[1]: node for node in graph.node if node.op_type == "Conv"}
     new_inits, new_nodes = [], []
     for layer in pack.layers:
-        if layer["adapter"] != "km" or layer["activation"] != "gelu":
+        if layer.adapter != "km" or layer.activation != "gelu":
             raise SystemExit("the ORT-side experiment covers default KM packs (gelu) only")
-        name = runtime.base.initializer_for(layer["name"])
-        shape = runtime.base.conv_shapes[layer["name"]]
-        if layer["kind"] == "channel" and shape[2] * shape[3] != 1:
+        name = runtime.base.initializer_for(layer.name)
+        shape = runtime.base.conv_shapes[layer.name]
+        if layer.kind == "channel" and shape[2] * shape[3] != 1:
             raise SystemExit("the ORT-side experiment covers channel modulators on 1x1 convs only")
-        t = layer["tensors"]
+        t = layer.tensors
         d = t["w1"].shape[0]
-        p = f"km.{layer['name']}."
+        p = f"km.{layer.name}."
         arrays = {"vshape": np.array([-1, d], np.int64), "wshape": np.array(shape, np.int64),
-                  "w1": (t["w1"] / np.float32(layer["scale"])).astype(np.float32), "b1": t["b1"],
+                  "w1": (t["w1"] / np.float32(layer.scale)).astype(np.float32), "b1": t["b1"],
                   "w2": (t["w2"] * np.float32(0.5)).astype(np.float32), "b2": (t["b2"] + 1).astype(np.float32),
                   "ca": np.array(0.7978845608028654 * 0.044715, np.float32),
                   "c": np.array(0.7978845608028654, np.float32), "one": np.array(1.0, np.float32)}
@@ -186,7 +186,7 @@ def child_ort_side(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
     import onnxruntime as ort
 
     from device_runtime.backends import OrtBackend
-    from device_runtime.packformat import read_pack, read_pack_file
+    from device_runtime.pack import read_pack, read_pack_file
 
     runtime = _runtime(base, pubkey, 1)
     graph_copy = Path(base) / "ort-side.onnx"  # beside base.weights, where its external data lives
@@ -195,8 +195,8 @@ def child_ort_side(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
         start = time.perf_counter()
         pack = read_pack(read_pack_file(pack_path), runtime.trusted_keys)
         graph_copy.write_bytes(ort_side_graph(runtime, pack))
-        overrides = {runtime.base.initializer_for(layer["name"], t): a
-                     for layer in pack.bn for t, a in layer["tensors"].items()}
+        overrides = {runtime.base.initializer_for(layer.name, t): a
+                     for layer in pack.bn for t, a in layer.tensors.items()}
         backend = OrtBackend(graph_copy, overrides, threads=1)
         return backend, (time.perf_counter() - start) * 1000.0
 

@@ -79,7 +79,7 @@ def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats:
     # warm-up: page cache, first-call costs of onnxruntime and numpy
     runtime.clear_cache()
     loaded = runtime.load_pack(pack_path)
-    adapted = [layer["name"] for layer in loaded.pack.layers]
+    adapted = [layer.name for layer in loaded.pack.layers]
     kernels = base.conv_kernels()
     conv_bytes = sum(kernels[name].nbytes for name in adapted)
     plain_session()

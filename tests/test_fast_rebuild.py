@@ -230,7 +230,7 @@ def test_a_cached_pack_keeps_its_model_while_other_packs_reuse_the_buffer(tmp_pa
                            "scale": km.kernel_scale(weight),
                            "tensors": {n: rng.normal(0, 0.5, s).astype(np.float32)
                                        for n, s in km.modulator_shapes(d, 2).items()}})
-        from device_runtime import packformat
+        from device_runtime import pack as packformat
 
         body = {"task": name, "pack_version": 1, "created": "2026-11-28T02:10:00Z", "base_id": base.base_id,
                 "labels": ["a", "b"], "preprocess": meta["preprocess"], "method": "km",
@@ -293,7 +293,7 @@ def test_cache_hit_on_an_unchanged_file_skips_reading_it_and_a_changed_file_is_r
         reads.append(str(path))
         return read_pack_file(path, *args, **kwargs)
 
-    from device_runtime.packformat import read_pack_file
+    from device_runtime.pack import read_pack_file
 
     monkeypatch.setattr(runtime_module, "read_pack_file", counting_read)
     monkeypatch.setattr(runtime_module, "_SETTLED_NS", 0)  # the file counts as settled at once

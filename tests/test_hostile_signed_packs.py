@@ -1,6 +1,6 @@
 """Validly signed packs that are hostile (a stolen key, a buggy host): refused, never used.
 
-Each pack is built with the ordinary writer (``packformat.build_pack``) and a test key, for the
+Each pack is built with the ordinary writer (``device_runtime.pack.build_pack``) and a test key, for the
 tiny hand-built base of ``test_device_runtime``. The runtime must refuse it with a ``PackError``
 subclass and one line, before allocating anything sized by the pack, and leave the active pack
 untouched. Where a format-side check could refuse the same pack earlier, the test asks only for a
