@@ -33,8 +33,12 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import BaseError
-from .files import write_atomic
+from .files import read_bounded, write_atomic
 from .limits import MAX_MANIFEST_BYTES, MAX_MANIFEST_ELEMENTS
+
+# A device has no base until one is copied to it: say where it comes from and how to point at it.
+MISSING_BASE = ("not found: copy the base/ folder made on the host by `km-edge export-base` here, "
+                "or point --base (or KM_EDGE_BASE) at it")
 
 __all__ = ["Base", "write_base", "BASE_FORMAT", "BASE_FORMAT_VERSION", "GRAPH_FILE",
            "WEIGHTS_FILE", "MANIFEST_FILE", "ALIGNMENT", "BN_TENSORS"]
@@ -220,16 +224,8 @@ def _refuse_constant(name: str):
 
 
 def _read_manifest(manifest_path: Path) -> dict:
-    try:
-        with open(manifest_path, "rb") as handle:
-            data = handle.read(MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        raise BaseError(f"{manifest_path}: not found (run `km-edge export-base` first)") from None
-    except OSError as exc:
-        raise BaseError(f"{manifest_path}: cannot read manifest ({exc.strerror or exc})") from None
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise BaseError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES // 2**20} MiB, "
-                        "not a km-edge base manifest")
+    data = read_bounded(manifest_path, MAX_MANIFEST_BYTES, BaseError, "km-edge base manifest",
+                        missing=MISSING_BASE)
     try:
         manifest = json.loads(data.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys,
                               parse_constant=_refuse_constant)

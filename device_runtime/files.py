@@ -1,4 +1,8 @@
-"""Atomic file writes: a crash, a signal or a refusal never leaves a half-written pack, base or key.
+"""Bounded reads and atomic writes of the files km-edge keeps (keys, manifests, trust lists, packs).
+
+Reads: :func:`read_bounded` never reads more than a limit (an endless special file or a huge file
+is refused, not read) and turns every OS failure into the caller's error class, one line naming
+the file. Writes: a crash, a signal or a refusal never leaves a half-written pack, base or key.
 
 The data goes to a hidden temporary file beside the destination (``.NAME.<pid>.<random>.tmp``),
 is fsynced and renamed over the destination. The temporary file is removed when the write fails,
@@ -21,11 +25,30 @@ from pathlib import Path
 
 from .errors import OutputError
 
-__all__ = ["write_atomic", "remove_stale_temporaries"]
+__all__ = ["read_bounded", "write_atomic", "remove_stale_temporaries"]
 
 # temporary files without a writer's pid in their name (older km-edge) count as stale after this
 STALE_AFTER_S = 3600
 _CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def read_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str,
+                 missing: str | None = None) -> bytes:
+    """The bytes of ``path`` if it holds at most ``limit`` of them; otherwise, and for a missing,
+    unreadable or directory path, ``error`` with one line naming the file (``missing`` replaces
+    the "WHAT not found" wording, e.g. to say which command makes the file)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)  # one byte past the limit tells "too large" apart
+    except FileNotFoundError:
+        raise error(f"{path}: {missing or what + ' not found'}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise error(f"{path}: larger than {limit:,} bytes, not a {what}")
+    return data
 
 
 def _temp_prefix(path: Path) -> str:

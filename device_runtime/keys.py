@@ -18,11 +18,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import KeyFileError
-from .files import write_atomic
+from .files import read_bounded, write_atomic
 
 __all__ = [
     "PRIVATE_KEY_NAME",
     "PUBLIC_KEY_NAME",
+    "REVOCATION_FILE_NAME",
+    "TRUST_FILE_NAME",
     "KEY_NAME_PATTERN",
     "key_paths",
     "key_id",
@@ -35,6 +37,9 @@ __all__ = [
 DEFAULT_KEY_NAME = "signing"
 PRIVATE_KEY_NAME = f"{DEFAULT_KEY_NAME}.key"
 PUBLIC_KEY_NAME = f"{DEFAULT_KEY_NAME}.pub"
+# A device's optional trust file (keys with validity windows) and revocation list, in its keys folder.
+TRUST_FILE_NAME = "trust.json"
+REVOCATION_FILE_NAME = "revoked.json"
 # key names become file names: NAME.key / NAME.pub in the keys folder
 KEY_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 KEY_ID_HEX_CHARS = 16
@@ -95,25 +100,20 @@ def generate_keypair(
     return private_path, public_path, key_id(private_key)
 
 
-def _read_key_file(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_KEY_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: key file not found") from None
-    except IsADirectoryError:
-        raise KeyFileError(f"{path}: is a directory, not a key file") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read key file ({exc.strerror or exc})") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: too large to be a PEM key file")
-    return data
+# What to do about a missing key, on the machine that misses it.
+MISSING_PRIVATE_KEY = "key file not found: make one with `km-edge keygen` (or `km-edge init`) on the host"
+MISSING_PUBLIC_KEY = ("key file not found: copy the host's public key (keys/signing.pub) here, or point "
+                      "--pubkey (or KM_EDGE_PUBKEY) at it")
+
+
+def _read_key_file(path: Path, missing: str) -> bytes:
+    return read_bounded(path, MAX_KEY_FILE_BYTES, KeyFileError, "key file", missing=missing)
 
 
 def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     """The Ed25519 signing key in an unencrypted PEM (PKCS8) file."""
     path = Path(path)
-    data = _read_key_file(path)
+    data = _read_key_file(path, MISSING_PRIVATE_KEY)
     if b"PUBLIC KEY-----" in data:
         raise KeyFileError(
             f"{path}: is a public key; signing needs the private key ({PRIVATE_KEY_NAME})"
@@ -134,7 +134,7 @@ def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
 def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
     """The Ed25519 public key in a PEM (SubjectPublicKeyInfo) file."""
     path = Path(path)
-    data = _read_key_file(path)
+    data = _read_key_file(path, MISSING_PUBLIC_KEY)
     if b"PRIVATE KEY-----" in data:
         # Refused rather than derived: copying a private key onto a device is the mistake to catch.
         raise KeyFileError(

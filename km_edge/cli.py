@@ -137,7 +137,8 @@ def _base_spec(settings, arch, weights, input_size, width=None) -> dict:
 
 
 def _default_base_dir(base_dir):
-    return Path(base_dir or os.environ.get("KM_EDGE_BASE") or "base")
+    """Where a device command finds the base: --base > KM_EDGE_BASE > km-edge.toml [paths] base > ./base."""
+    return Path(base_dir or os.environ.get("KM_EDGE_BASE") or _settings().path("base"))
 
 
 def _remember(ctx, param, value):
@@ -150,22 +151,25 @@ def _remember(ctx, param, value):
 def _trusted_keys(pubkeys):
     """The device's trust: --pubkey files, a trust file (key windows) and a revocation list.
 
-    Defaults: KM_EDGE_PUBKEY, KM_EDGE_TRUST, KM_EDGE_REVOKED, else keys/trust.json and
-    keys/revoked.json where they exist, else keys/signing.pub (see packs/README.md, section 6).
+    Each comes from its flag, else its environment variable (KM_EDGE_PUBKEY, KM_EDGE_TRUST,
+    KM_EDGE_REVOKED), else the keys folder (km-edge.toml [paths] keys, ./keys by default): its
+    trust.json and revoked.json where they exist, else its signing.pub (packs/README.md, section 6).
     """
+    from device_runtime.keys import PUBLIC_KEY_NAME, REVOCATION_FILE_NAME, TRUST_FILE_NAME
     from device_runtime.pack.trust import load_trust
 
     meta = click.get_current_context().meta
+    keys_dir = _settings().path("keys")
 
     def chosen(name, env, default):
         value = meta.get(f"km_edge.{name}") or os.environ.get(env)
         return Path(value) if value else (default if default.exists() else None)
 
-    trust = chosen("trust_file", "KM_EDGE_TRUST", Path("keys/trust.json"))
-    revoked = chosen("revocation_file", "KM_EDGE_REVOKED", Path("keys/revoked.json"))
+    trust = chosen("trust_file", "KM_EDGE_TRUST", keys_dir / TRUST_FILE_NAME)
+    revoked = chosen("revocation_file", "KM_EDGE_REVOKED", keys_dir / REVOCATION_FILE_NAME)
     pubkeys = list(pubkeys) or [p for p in [os.environ.get("KM_EDGE_PUBKEY")] if p]
     if not pubkeys and trust is None:
-        pubkeys = ["keys/signing.pub"]
+        pubkeys = [keys_dir / PUBLIC_KEY_NAME]
     return load_trust(pubkeys, trust, revoked)
 
 
@@ -194,14 +198,14 @@ state_option = click.option(
 
 
 device_options = [
-    click.option("--base", "base_dir", type=click.Path(), help="Exported base dir [KM_EDGE_BASE or ./base]."),
+    click.option("--base", "base_dir", type=click.Path(), help="Exported base dir [KM_EDGE_BASE, else km-edge.toml [paths] base, else ./base]."),
     click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(),
-                 help="Trusted public key (repeatable) [KM_EDGE_PUBKEY or ./keys/signing.pub]."),
+                 help="Trusted public key (repeatable) [KM_EDGE_PUBKEY or KEYS/signing.pub, KEYS from km-edge.toml [paths], ./keys]."),
     click.option("--trust", "trust_file", type=click.Path(dir_okay=False), expose_value=False, callback=_remember,
-                 help="Trust file: keys with validity windows [KM_EDGE_TRUST or ./keys/trust.json if present]."),
+                 help="Trust file: keys with validity windows [KM_EDGE_TRUST or KEYS/trust.json if present]."),
     click.option("--revoked", "revocation_file", type=click.Path(dir_okay=False), expose_value=False,
                  callback=_remember,
-                 help="Revocation list the device honours [KM_EDGE_REVOKED or ./keys/revoked.json if present]."),
+                 help="Revocation list the device honours [KM_EDGE_REVOKED or KEYS/revoked.json if present]."),
 ]
 
 
@@ -237,7 +241,7 @@ def with_options(options):
 def init_cmd(directory, arch, weights, input_size, force, as_json):
     """Scaffold km-edge.toml, data/, packs/ and keys/ (runs keygen)."""
     from device_runtime.files import write_atomic
-    from device_runtime.keys import generate_keypair
+    from device_runtime.keys import generate_keypair, key_paths
 
     from .config import CONFIG_FILE, DEFAULT_ARCH, DEFAULT_INPUT_SIZE, DEFAULT_WEIGHTS, render_config
 
@@ -249,14 +253,17 @@ def init_cmd(directory, arch, weights, input_size, force, as_json):
     config = root / CONFIG_FILE
     if config.exists() and not force:
         raise ConfigError(f"{config} exists; pass --force to overwrite it")
+    from .options import PATH_DEFAULTS
+
     for sub in ("data", "packs", "keys"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / PATH_DEFAULTS[sub]).mkdir(parents=True, exist_ok=True)
     write_atomic(config, render_config(arch, weights, input_size).encode())
-    keys = root / "keys"
-    if (keys / "signing.key").exists():
+    keys = root / PATH_DEFAULTS["keys"]
+    private_key, public_key = key_paths(keys)
+    if private_key.exists():
         from device_runtime.keys import key_id, load_public_key
 
-        key = key_id(load_public_key(keys / "signing.pub"))
+        key = key_id(load_public_key(public_key))
     else:
         _, _, key = generate_keypair(keys)
     _emit({"config": str(config), "key_id": key}, as_json, f"wrote {config}; signing key id {key}")

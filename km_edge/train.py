@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from device_runtime.errors import CheckpointError
@@ -61,15 +62,17 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean loss) in eval mode."""
+    """(accuracy, mean loss) in eval mode. The modulated kernels are computed once for the whole
+    pass (``parametrize.cached``), not once per batch: they do not change while evaluating."""
     model.eval()
     correct, total, loss = 0, 0, 0.0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        total += labels.numel()
+    with torch.no_grad(), parametrize.cached():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            total += labels.numel()
     return correct / max(total, 1), loss / max(total, 1)
 
 

@@ -305,3 +305,20 @@ def test_base_files_of_another_arch_are_refused(tmp_path):
 def test_missing_base_file_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read"):
         build_base("demo", str(tmp_path / "nope.pth"))
+
+
+def test_evaluate_computes_each_modulated_kernel_once_per_pass():
+    """Evaluation runs the modulators once for the whole pass (parametrize.cached), not per batch."""
+    from km_edge.adapters import KernelModulator
+    from km_edge.methods import MethodConfig
+    from km_edge.train import build_task_model, evaluate
+
+    model = build_task_model(build_base("demo", None, input_size=32), 3, MethodConfig(method="km"), seed=0)
+    modulators = [m for m in model.modules() if isinstance(m, KernelModulator)]
+    calls = []
+    for module in modulators:
+        module.register_forward_hook(lambda *_: calls.append(1))
+    batches = [(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(3)]
+    accuracy, _ = evaluate(model, batches, torch.device("cpu"))
+    assert 0.0 <= accuracy <= 1.0
+    assert len(calls) == len(modulators) > 0  # once each, for three batches

@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import KeyFileError, KeyWindowError, PackError, RevokedKeyError
+from ..files import read_bounded
 from ..keys import KEY_ID_HEX_CHARS, key_id, load_public_key
 from .codec import check_text, parse_time, show
 
@@ -112,15 +113,7 @@ def _read_json(path: Path, what: str):
             result[key] = value
         return result
 
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_TRUST_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: {what} not found") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
-    if len(data) > MAX_TRUST_FILE_BYTES:
-        raise KeyFileError(f"{path}: larger than {MAX_TRUST_FILE_BYTES} bytes, not a {what}")
+    data = read_bounded(path, MAX_TRUST_FILE_BYTES, KeyFileError, what)
     try:
         return json.loads(data.decode("utf-8"), object_pairs_hook=unique)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
