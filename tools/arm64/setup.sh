@@ -61,6 +61,7 @@ command -v dpkg-deb >/dev/null || fail "dpkg-deb not found: the arm64 stage need
 if ! command -v "$QEMU" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
+        echo "test-arm64: apt-get install qemu-user-static"
         if ! timeout 300 apt-get install -y -q qemu-user-static >"$CACHE/logs/qemu.log" 2>&1; then
             step "apt-get update (for qemu-user-static)" qemu-update 180 \
                 apt-get -o Acquire::http::Timeout=20 -o Acquire::Retries=1 update -q

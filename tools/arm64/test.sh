@@ -19,9 +19,19 @@ export ARM64_CACHE=$CACHE
 export HOST_PYTHON=${HOST_PYTHON:-python3}
 PY=$HOST_PYTHON
 started=$SECONDS
-stage() { echo "test-arm64: $1 ($((SECONDS - stage_started)) s)"; stage_started=$SECONDS; }
+# CPU_NOW: CPU seconds (user + sys) of finished child processes, from bash's `times` run in this
+# shell (a subshell would start from zero)
+cpu() {
+    times >"$CACHE/.times"
+    CPU_NOW=$(tail -n 1 "$CACHE/.times" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); s += t[1] * 60 + t[2] } printf "%.0f", s }')
+}
+stage() {
+    cpu
+    echo "test-arm64: $1 ($((SECONDS - stage_started)) s wall, $((CPU_NOW - stage_cpu)) s CPU)"
+    stage_started=$SECONDS stage_cpu=$CPU_NOW
+}
 fail() { echo "test-arm64: $*" >&2; exit 1; }
-stage_started=$SECONDS
+stage_started=$SECONDS stage_cpu=0
 
 bash "$TOOLS/setup.sh"
 stage "arm64 userland and device install ready in $CACHE"
@@ -69,4 +79,5 @@ fi
 stage "device checks ran on emulated arm64"
 
 PYTHONPATH=$REPO "$PY" "$TOOLS/compare.py" "$RUN/x86.json" "$RUN/arm64.json" "$CACHE/pkg"
-echo "test-arm64: passed in $((SECONDS - started)) s"
+cpu
+echo "test-arm64: passed in $((SECONDS - started)) s wall, $CPU_NOW s CPU"
