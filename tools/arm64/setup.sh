@@ -142,8 +142,20 @@ fi
 
 # --- the plain install: km-edge wheel of this checkout + its dependencies as aarch64 wheels ----------
 rm -rf "$CACHE/wheel"
-step "building the km-edge wheel" wheel 300 "$PY" -m pip wheel --no-deps --no-build-isolation \
-    --disable-pip-version-check -q -w "$CACHE/wheel" "$REPO"
+# the host's setuptools when it satisfies pyproject's build requirement (no network; a fresh venv
+# of Python 3.11 has setuptools 65, too old), else pip's isolated build
+ISOLATION=()
+"$PY" - "$REPO/pyproject.toml" 2>/dev/null <<'PYEOF' && ISOLATION=(--no-build-isolation)
+import re, sys, tomllib
+from importlib.metadata import version
+have = tuple(int(p) for p in re.findall(r"\d+", version("setuptools"))[:2])
+for requirement in tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"]:
+    match = re.fullmatch(r"setuptools\s*>=\s*(\d+)(?:\.(\d+))?", requirement.strip())
+    if not match or have < (int(match[1]), int(match[2] or 0)):
+        sys.exit(1)
+PYEOF
+step "building the km-edge wheel" wheel 300 "$PY" -m pip wheel --no-deps "${ISOLATION[@]}" "${PIP_NET[@]}" \
+    -q -w "$CACHE/wheel" "$REPO"
 WHEEL=$(ls "$CACHE"/wheel/km_edge-*.whl)
 # numerics and image decoding pinned to the host's versions where the host has them, so the logits
 # are compared between the same library versions on the two CPUs
