@@ -38,7 +38,7 @@ stage "arm64 userland and device install ready in $CACHE"
 
 # the fixture depends on the code that makes and reads packs: rebuilt when any of it changes
 key=$(cd "$REPO" && find device_runtime km_edge -name '*.py' -print0 | sort -z | xargs -0 cat \
-      | cat - tools/arm64/fixture.py pyproject.toml | sha256sum | cut -c1-16)
+      | cat - tools/arm64/fixture.py tools/arm64/device_check.py pyproject.toml | sha256sum | cut -c1-16)
 FIXTURE=$CACHE/fixture/$key
 if [ ! -d "$FIXTURE" ]; then
     rm -rf "$CACHE/fixture"
