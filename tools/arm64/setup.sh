@@ -35,7 +35,7 @@ WHEEL_FLAGS=(--only-binary=:all: "${PLATFORMS[@]}" --python-version "$PYVER" --i
 PIP_NET=(--timeout 20 --retries 1 --disable-pip-version-check)
 SYSROOT=$CACHE/sysroot
 QEMU=${ARM64_QEMU:-qemu-aarch64-static}
-export QEMU_CPU=cortex-a72           # qemu's default CPU model makes onnxruntime ~15x slower
+export QEMU_CPU=cortex-a72           # qemu's default CPU model made onnxruntime ~15x slower (issue 11)
 
 fail() { echo "test-arm64: $*" >&2; exit 1; }
 
