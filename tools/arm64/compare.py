@@ -22,6 +22,8 @@ import sys
 
 import numpy as np
 
+from device_check import TASK, UNKNOWN_FORMAT_VERSION
+
 LOGIT_ATOL = 1e-4
 PROBABILITY_ATOL = 1e-4
 
@@ -34,7 +36,7 @@ REASONS = {
     "truncated": ["truncated"],
     "empty": ["empty"],
     "not-a-pack": ["not a km-edge pack"],
-    "unknown-format": ["format version 99"],
+    "unknown-format": [f"format version {UNKNOWN_FORMAT_VERSION}"],
     "untrusted-signer": ["not trusted"],
     "untrusted-key": ["not trusted"],
     "w1-shape": ["shape", "w1"],
@@ -66,8 +68,8 @@ def check_side(name: str, r: dict) -> list[str]:
         if not (report and report.get("ok") is True and report.get("base_checked") is True):
             bad.append(f"{name}: {key} did not report ok with the base checked: {cli[key]['stdout'][:200]}")
     inspected = _json_out(cli["inspect"]) or {}
-    if inspected.get("task") != "letters" or "letters" not in cli["inspect-text"]["stdout"]:
-        bad.append(f"{name}: inspect does not show the letters pack")
+    if inspected.get("task") != TASK or TASK not in cli["inspect-text"]["stdout"]:
+        bad.append(f"{name}: inspect does not show the {TASK} pack")
     ran = _json_out(cli["run"]) or {}
     predictions = ran.get("predictions", [])
     if len(predictions) != 3 or any(len(p.get("top", [])) != 3 for p in predictions):

@@ -27,11 +27,19 @@ import sys
 import time
 from pathlib import Path
 
+# The device folder fixture.py writes and this script reads (paths relative to it).
 TASK = "letters"
-RUN_IMAGES = 3
+BASE = "base"  # also the CLI's default, which run and verify rely on here
 GOOD = f"packs/{TASK}.kmp"
 GOOD_FP16 = f"packs/{TASK}-fp16.kmp"
+HOSTILE = "packs/hostile"  # validly signed packs the device must refuse
+HOSTILE_PACKS = ("untrusted", "w1-shape", "head-features")
+PUBKEY = "keys/signing.pub"
+STRANGER_PUBKEY = "keys/stranger.pub"
+OTHER_BASE = "other-base"
 VAL = f"data/{TASK}/val"
+
+RUN_IMAGES = 3
 UNKNOWN_FORMAT_VERSION = 99
 
 
@@ -93,11 +101,11 @@ def refusal_cases(tampered: dict[str, str]) -> dict[str, tuple[str, list[str]]]:
     """{case: (pack, extra CLI args)}: every pack or setting the device must refuse."""
     cases = {case: (path, []) for case, path in tampered.items()}
     cases.update({
-        "untrusted-signer": ("packs/hostile/untrusted.kmp", []),
-        "w1-shape": ("packs/hostile/w1-shape.kmp", []),
-        "head-features": ("packs/hostile/head-features.kmp", []),
-        "other-base": (GOOD, ["--base", "other-base"]),
-        "untrusted-key": (GOOD, ["--pubkey", "keys/stranger.pub"]),
+        "untrusted-signer": (f"{HOSTILE}/untrusted.kmp", []),
+        "w1-shape": (f"{HOSTILE}/w1-shape.kmp", []),
+        "head-features": (f"{HOSTILE}/head-features.kmp", []),
+        "other-base": (GOOD, ["--base", OTHER_BASE]),
+        "untrusted-key": (GOOD, ["--pubkey", STRANGER_PUBKEY]),
         "missing-file": ("packs/missing.kmp", []),
     })
     return cases
@@ -111,8 +119,8 @@ def refusal_class(pack: str, extra: list[str]) -> str:
 
     options = dict(zip(extra[::2], extra[1::2]))
     try:
-        runtime = Runtime(options.get("--base", "base"),
-                          load_trusted_keys([options.get("--pubkey", "keys/signing.pub")]))
+        runtime = Runtime(options.get("--base", BASE),
+                          load_trusted_keys([options.get("--pubkey", PUBKEY)]))
         runtime.check_pack(pack)
     except KmEdgeError as exc:
         return type(exc).__name__
@@ -127,7 +135,7 @@ def logits_of(pack: str, images: list[str]) -> list[list[float]]:
     from device_runtime.preprocess import load_image, preprocess
     from device_runtime.runtime import Runtime
 
-    runtime = Runtime("base", load_trusted_keys(["keys/signing.pub"]))
+    runtime = Runtime(BASE, load_trusted_keys([PUBKEY]))
     runtime.load_pack(pack)
     batch = np.stack([preprocess(load_image(path), runtime.preprocess_spec) for path in images])
     return runtime.logits(batch).astype(float).tolist()

@@ -21,10 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from device_check import (BASE, GOOD, GOOD_FP16, HOSTILE, HOSTILE_PACKS, OTHER_BASE, PUBKEY, STRANGER_PUBKEY,
+                          TASK, VAL)
+
 DATA_SCALE = 0.5  # letters val: 15 images per class
 PRETRAIN_EPOCHS = 6
 TASK_EPOCHS = 6
-TASK = "letters"
 
 
 def km_edge(*args, cwd: Path) -> None:
@@ -72,7 +74,7 @@ def hostile_packs(good: Path, project: Path, stranger: Path, out: Path) -> None:
         }
 
     key = load_private_key(project / "keys" / "signing.key")
-    (out / "untrusted.kmp").write_bytes(build_pack(body(), load_private_key(stranger / "signing.key")))
+    signed = {"untrusted": build_pack(body(), load_private_key(stranger / "signing.key"))}
     wrong = body()
     first = wrong["layers"][0]
     d, h = first.tensors["w1"].shape  # a modulator for vectors one longer than the base's kernels
@@ -80,11 +82,15 @@ def hostile_packs(good: Path, project: Path, stranger: Path, out: Path) -> None:
                           "activation": first.activation, "scale": first.scale,
                           "tensors": {"w1": np.zeros((d + 1, h), np.float32), "b1": np.zeros(h, np.float32),
                                       "w2": np.zeros((h, d + 1), np.float32), "b2": np.zeros(d + 1, np.float32)}}
-    (out / "w1-shape.kmp").write_bytes(build_pack(wrong, key))
+    signed["w1-shape"] = build_pack(wrong, key)
     wrong = body()
     weight = wrong["head"]["weight"]
     wrong["head"]["weight"] = np.zeros((weight.shape[0], weight.shape[1] + 3), np.float32)
-    (out / "head-features.kmp").write_bytes(build_pack(wrong, key))
+    signed["head-features"] = build_pack(wrong, key)
+    assert sorted(signed) == sorted(HOSTILE_PACKS)
+    out.mkdir(parents=True)
+    for name, data in signed.items():
+        (out / f"{name}.kmp").write_bytes(data)
 
 
 def main() -> None:
@@ -103,21 +109,19 @@ def main() -> None:
     km_edge("pretrain", "--data", "data/source", "--arch", "demo", "--epochs", PRETRAIN_EPOCHS,
             "--device", "cpu", "--json", cwd=project)
     km_edge("export-base", "--json", cwd=project)
-    km_edge("export-base", "--arch", "demo", "--weights", "none", "--input-size", 32,
-            "--out", device / "other-base", "--json", cwd=project)
-    packs = device / "packs"
     km_edge("pack", "--task", TASK, "--epochs", TASK_EPOCHS, "--device", "cpu", "--seed", 0,
-            "--out", packs / f"{TASK}.kmp", "--json", cwd=project)
-    km_edge("pack", "--task", TASK, "--dtype", "fp16", "--out", packs / f"{TASK}-fp16.kmp", "--json", cwd=project)
+            "--out", device / GOOD, "--json", cwd=project)
+    km_edge("pack", "--task", TASK, "--dtype", "fp16", "--out", device / GOOD_FP16, "--json", cwd=project)
     km_edge("keygen", "--keys-dir", "stranger", "--json", cwd=project)
+    km_edge("export-base", "--arch", "demo", "--weights", "none", "--input-size", 32,
+            "--out", device / OTHER_BASE, "--json", cwd=project)
 
-    shutil.copytree(project / "base", device / "base")
-    (device / "keys").mkdir()
-    shutil.copy2(project / "keys" / "signing.pub", device / "keys" / "signing.pub")
-    shutil.copy2(project / "stranger" / "signing.pub", device / "keys" / "stranger.pub")
-    (packs / "hostile").mkdir()
-    hostile_packs(packs / f"{TASK}.kmp", project, project / "stranger", packs / "hostile")
-    shutil.copytree(project / "data" / TASK / "val", device / "data" / TASK / "val")
+    shutil.copytree(project / "base", device / BASE)
+    (device / PUBKEY).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(project / "keys" / "signing.pub", device / PUBKEY)
+    shutil.copy2(project / "stranger" / "signing.pub", device / STRANGER_PUBKEY)
+    hostile_packs(device / GOOD, project, project / "stranger", device / HOSTILE)
+    shutil.copytree(project / "data" / TASK / "val", device / VAL)
     work.rename(final)
 
 

@@ -35,7 +35,7 @@ WHEEL_FLAGS=(--only-binary=:all: "${PLATFORMS[@]}" --python-version "$PYVER" --i
 PIP_NET=(--timeout 20 --retries 1 --disable-pip-version-check)
 SYSROOT=$CACHE/sysroot
 QEMU=${ARM64_QEMU:-qemu-aarch64-static}
-export QEMU_CPU=cortex-a72           # qemu's default CPU model makes onnxruntime ~15x slower
+export QEMU_CPU=cortex-a72           # qemu's default CPU model made onnxruntime ~15x slower (issue 11)
 
 fail() { echo "test-arm64: $*" >&2; exit 1; }
 
@@ -61,6 +61,7 @@ command -v dpkg-deb >/dev/null || fail "dpkg-deb not found: the arm64 stage need
 if ! command -v "$QEMU" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
+        echo "test-arm64: apt-get install qemu-user-static"
         if ! timeout 300 apt-get install -y -q qemu-user-static >"$CACHE/logs/qemu.log" 2>&1; then
             step "apt-get update (for qemu-user-static)" qemu-update 180 \
                 apt-get -o Acquire::http::Timeout=20 -o Acquire::Retries=1 update -q
@@ -141,8 +142,20 @@ fi
 
 # --- the plain install: km-edge wheel of this checkout + its dependencies as aarch64 wheels ----------
 rm -rf "$CACHE/wheel"
-step "building the km-edge wheel" wheel 300 "$PY" -m pip wheel --no-deps --no-build-isolation \
-    --disable-pip-version-check -q -w "$CACHE/wheel" "$REPO"
+# the host's setuptools when it satisfies pyproject's build requirement (no network; a fresh venv
+# of Python 3.11 has setuptools 65, too old), else pip's isolated build
+ISOLATION=()
+"$PY" - "$REPO/pyproject.toml" 2>/dev/null <<'PYEOF' && ISOLATION=(--no-build-isolation)
+import re, sys, tomllib
+from importlib.metadata import version
+have = tuple(int(p) for p in re.findall(r"\d+", version("setuptools"))[:2])
+for requirement in tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"]:
+    match = re.fullmatch(r"setuptools\s*>=\s*(\d+)(?:\.(\d+))?", requirement.strip())
+    if not match or have < (int(match[1]), int(match[2] or 0)):
+        sys.exit(1)
+PYEOF
+step "building the km-edge wheel" wheel 300 "$PY" -m pip wheel --no-deps "${ISOLATION[@]}" "${PIP_NET[@]}" \
+    -q -w "$CACHE/wheel" "$REPO"
 WHEEL=$(ls "$CACHE"/wheel/km_edge-*.whl)
 # numerics and image decoding pinned to the host's versions where the host has them, so the logits
 # are compared between the same library versions on the two CPUs

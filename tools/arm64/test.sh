@@ -19,16 +19,26 @@ export ARM64_CACHE=$CACHE
 export HOST_PYTHON=${HOST_PYTHON:-python3}
 PY=$HOST_PYTHON
 started=$SECONDS
-stage() { echo "test-arm64: $1 ($((SECONDS - stage_started)) s)"; stage_started=$SECONDS; }
+# CPU_NOW: CPU seconds (user + sys) of finished child processes, from bash's `times` run in this
+# shell (a subshell would start from zero)
+cpu() {
+    times >"$CACHE/.times"
+    CPU_NOW=$(tail -n 1 "$CACHE/.times" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); s += t[1] * 60 + t[2] } printf "%.0f", s }')
+}
+stage() {
+    cpu
+    echo "test-arm64: $1 ($((SECONDS - stage_started)) s wall, $((CPU_NOW - stage_cpu)) s CPU)"
+    stage_started=$SECONDS stage_cpu=$CPU_NOW
+}
 fail() { echo "test-arm64: $*" >&2; exit 1; }
-stage_started=$SECONDS
+stage_started=$SECONDS stage_cpu=0
 
 bash "$TOOLS/setup.sh"
 stage "arm64 userland and device install ready in $CACHE"
 
 # the fixture depends on the code that makes and reads packs: rebuilt when any of it changes
 key=$(cd "$REPO" && find device_runtime km_edge -name '*.py' -print0 | sort -z | xargs -0 cat \
-      | cat - tools/arm64/fixture.py pyproject.toml | sha256sum | cut -c1-16)
+      | cat - tools/arm64/fixture.py tools/arm64/device_check.py pyproject.toml | sha256sum | cut -c1-16)
 FIXTURE=$CACHE/fixture/$key
 if [ ! -d "$FIXTURE" ]; then
     rm -rf "$CACHE/fixture"
@@ -69,4 +79,5 @@ fi
 stage "device checks ran on emulated arm64"
 
 PYTHONPATH=$REPO "$PY" "$TOOLS/compare.py" "$RUN/x86.json" "$RUN/arm64.json" "$CACHE/pkg"
-echo "test-arm64: passed in $((SECONDS - started)) s"
+cpu
+echo "test-arm64: passed in $((SECONDS - started)) s wall, $CPU_NOW s CPU"
