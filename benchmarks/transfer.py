@@ -152,6 +152,11 @@ def run_one(job: dict) -> dict:
     }
 
 
+# Pack bytes do not depend on the preprocessing values; any valid spec will do.
+_SIZE_ONLY_PREPROCESS = {"resize": 32, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                         "interpolation": "bilinear"}
+
+
 def pack_bytes(model, method, classes) -> int | None:
     """Bytes of the real signed fp32 pack these task tensors make (full fine-tuning: the whole model)."""
     if method.method == "full":
@@ -162,7 +167,7 @@ def pack_bytes(model, method, classes) -> int | None:
     from km_edge.pack import task_tensors
 
     body = {"task": "bench", "pack_version": 1, "base_id": "0" * 64, "labels": list(classes),
-            "preprocess": {}, "method": method.method,
+            "preprocess": _SIZE_ONLY_PREPROCESS, "method": method.method,
             "modulator": method.modulator.to_dict() if method.method == "km" else None,
             **task_tensors(model, method), "metrics": {}, "trainer": {}}
     return len(build_pack(body, Ed25519PrivateKey.generate()))
