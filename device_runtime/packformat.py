@@ -52,7 +52,7 @@ MAGIC = "km-edge-pack"
 FORMAT_VERSION = 1
 MAX_PACK_BYTES = 512 * 2**20
 STORAGE_DTYPES = ("float32", "float16")
-METHODS = ("km", "lora", "bn", "head")
+METHODS = ("km", "lora", "bn", "bias", "head")
 SIGNATURE_BYTES = 64
 MAX_TENSOR_DIMS = 8
 

@@ -22,7 +22,7 @@ from device_runtime.errors import CheckpointError
 from device_runtime.files import write_atomic
 from device_runtime.km import ModulatorSpec
 
-from .data import check_images, load_task_splits, make_loader
+from .data import check_images, load_task_splits, load_test_split, make_loader
 from .methods import (
     DEFAULT_LR,
     MethodConfig,
@@ -94,6 +94,7 @@ def fit(
     lr: float,
     head_lr: float,
     weight_decay: float = 1e-4,
+    bn_lr: float | None = None,
     device: torch.device = torch.device("cpu"),
     max_steps: int | None = None,
     progress: bool = True,
@@ -101,7 +102,7 @@ def fit(
 ) -> FitResult:
     """Train the task tensors; keep the ones with the best val accuracy (first best wins)."""
     model.to(device)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, lr, head_lr), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, lr, head_lr, bn_lr), weight_decay=weight_decay)
     total_steps = max_steps or epochs * len(train_loader)
     epochs = math.ceil(total_steps / max(len(train_loader), 1))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
@@ -201,6 +202,9 @@ def train_task(
         weight_decay=float(options["weight_decay"]), device=device,
         max_steps=options.get("max_steps"), progress=progress, desc=f"{task} [{config.method}]",
     )
+    # a test folder is touched once, after every choice (epoch, rates) was made on the val split
+    test = load_test_split(data_dir, splits.classes)
+    test_accuracy = evaluate(model, make_loader(test, spec, 256, False), device)[0] if test else None
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": 1,
@@ -215,6 +219,7 @@ def train_task(
         "tensors": {k: v.cpu() for k, v in result.best_state.items()},
         "val_accuracy": result.best_val_accuracy,
         "val_source": splits.val_source,
+        "test_accuracy": test_accuracy,
         "best_epoch": result.best_epoch,
         "history": result.history,
         "params": report,
@@ -233,6 +238,10 @@ def train_task(
         "n_train": len(splits.train),
         "n_val": len(splits.val),
         "val_source": splits.val_source,
+        # val_accuracy is measured on the split that also picked the epoch: optimistic by design
+        "val_picked_epoch": True,
+        "test_accuracy": test_accuracy,
+        "n_test": len(test),
         "labels": splits.classes,
         "device": str(device),
         "checkpoint": str(checkpoint_path),
