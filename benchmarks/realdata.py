@@ -200,6 +200,8 @@ def build_emoji_category(cache: Path, out: Path, train_per_class: int, test_per_
         members = [r["image"] for r in rows if r["category"] == category and r["image"] in google and r["image"] in twitter]
         members = _pick(members, len(members), rng)  # shuffled; first half trains, second half tests
         half = len(members) // 2
+        if half < 2:
+            continue
         train[category] = [(m, _to_rgb(google[m])) for m in members[:half][:train_per_class]]
         test[category] = [(m, _to_rgb(twitter[m])) for m in members[half:][:test_per_class]]
     return _finish(out, "emoji-category", train, test, {
