@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -82,7 +83,7 @@ def real_grid() -> list[dict]:
     return grid
 
 
-PILOT_GRID = ["head", "bn", "bias", "lora-r2", DEFAULT_KM_ID, "km-auto-k8c1-gelu", "full"]
+PILOT_GRID = ["head", DEFAULT_KM_ID, "km-auto-k8c1-gelu", "full", "lora-r2", "bn", "bias"]
 # the pilot trains each method at km-edge's default rates (methods.DEFAULT_LR, head 1e-2): no sweep
 PILOT_LRS = "default"
 
@@ -120,7 +121,8 @@ def rate_pairs(cfg: dict, config: dict) -> list[tuple[float, float]]:
 
 
 def run_key(job: dict) -> str:
-    return f"{job['base_name']}|{job['target']}|{job['config_id']}|s{job['seed']}|lr{job['lr']:g}|hlr{job['head_lr']:g}"
+    return (f"{job['base_name']}|{job['target']}|{job['config_id']}|s{job['seed']}|lr{job['lr']:g}|hlr{job['head_lr']:g}"
+            f"|n{job['steps']}")
 
 
 # --- one run (in a worker process) --------------------------------------------------------------
@@ -243,24 +245,32 @@ def choose(sweeps: list[dict]) -> dict:
     return max(sweeps, key=lambda r: (r["holdout_accuracy"], -r["lr"], -r["head_lr"]))
 
 
-def schedule(cfg: dict, grid: list[dict], data_root: Path, states: Path, jsonl: Path, pool, log) -> list[dict]:
+def schedule(cfg: dict, grid: list[dict], data_root: Path, states: Path, jsonl: Path, pool, slots: int,
+             log) -> list[dict]:
     """Run every missing job; each result goes to the JSON-lines file the moment it is done."""
     runs = read_runs(jsonl)
     done = {r["key"] for r in runs}
     groups = []
     memory_measured = {(r["base_name"], r["config_id"]) for r in runs if r.get("train_memory_bytes")}
     for base in cfg["bases"]:
-        for target in cfg["targets"]:
-            for config in grid:
+        for config in grid:  # configuration-major: a stopped run has every target of its first configurations
+            for target in cfg["targets"]:
                 common = {"base": base, "base_name": base["name"], "target": target, "config": config,
                           "config_id": config["id"], "data": str(data_root / target), "steps": cfg["steps"],
                           "batch_size": cfg["batch_size"], "states": str(states)}
                 groups.append(common)
-    futures = {}
+    futures, pending = {}, deque()
     todo_sweeps: dict[int, set] = {}
+    # never more in flight than `slots` workers, so what is queued here can still be reordered
 
     def submit(fn, job, tag):
-        futures[pool.submit(fn, job)] = (tag, job)
+        """Queue a job; test scoring and further seeds go first, so a stopped run leaves finished rows."""
+        (pending.appendleft if tag[0] != "sweep" else pending.append)((fn, job, tag))
+
+    def feed():
+        while pending and len(futures) < slots:
+            fn, job, tag = pending.popleft()
+            futures[pool.submit(fn, job)] = (tag, job)
 
     def after_sweep(gi: int):
         """The group's sweep is complete: score the chosen run on test and train the other seeds."""
@@ -293,9 +303,9 @@ def schedule(cfg: dict, grid: list[dict], data_root: Path, states: Path, jsonl: 
         todo_sweeps[gi] = missing
         if not missing:
             after_sweep(gi)
-    total = len(futures)
-    log(f"{len(runs)} runs already in {jsonl.name}; {total} jobs queued now (finals follow their sweeps)")
+    log(f"{len(runs)} runs already in {jsonl.name}; {len(pending)} jobs queued now (finals follow their sweeps)")
     finished = 0
+    feed()
     while futures:
         complete, _ = wait(list(futures), return_when=FIRST_COMPLETED)
         for future in complete:
@@ -316,6 +326,7 @@ def schedule(cfg: dict, grid: list[dict], data_root: Path, states: Path, jsonl: 
             if kind == "score":  # the choice is made and scored: the sweep's task tensors go
                 for state in job["group_states"]:
                     Path(state).unlink(missing_ok=True)
+        feed()
     return runs
 
 
@@ -513,6 +524,35 @@ def write_plot(path: Path, summary: dict, default_id: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# --- runtime plan --------------------------------------------------------------------------------
+def plan(cfg: dict, grid: list[dict], timing_runs: list[dict]) -> dict:
+    """Training runs the configuration needs and, from measured runs (e.g. the pilot's), its CPU time.
+
+    Per base x target x configuration: the sweep's rate pairs on the first seed, then one run per
+    further seed. A configuration never measured is costed like the median of the measured KM/LoRA
+    runs (adapters on every conv), or full fine-tuning's for ``full``.
+    """
+    per_step: dict = {}
+    for r in timing_runs:
+        if not r["key"].endswith("|final"):
+            per_step.setdefault(r["config_id"], []).append(r["seconds_per_step"])
+    measured = {k: statistics.median(v) for k, v in per_step.items()}
+    adapters = [v for k, v in measured.items() if k.startswith(("km", "lora"))]
+    fallback = {"full": measured.get("full"), "adapter": statistics.median(adapters) if adapters else None}
+    runs, seconds, unknown = 0, 0.0, set()
+    for config in grid:
+        n = len(rate_pairs(cfg, config)) + len(cfg["seeds"]) - 1
+        n *= len(cfg["bases"]) * len(cfg["targets"])
+        runs += n
+        step = measured.get(config["id"]) or (fallback["full"] if config["method"] == "full" else fallback["adapter"])
+        if step is None:
+            unknown.add(config["id"])
+        else:
+            seconds += n * cfg["steps"] * step
+    return {"training_runs": runs, "seconds_one_process": seconds, "not_measured": sorted(unknown),
+            "measured_seconds_per_step": measured}
+
+
 # --- driver -------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -528,6 +568,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the mode's)")
     parser.add_argument("--default-km", default=DEFAULT_KM_ID, help="the configuration reported as default KM")
     parser.add_argument("--summarise", action="store_true", help="no training: tables from the JSON-lines file")
+    parser.add_argument("--plan", default=None, metavar="RUNS.jsonl",
+                        help="no training: count the mode's runs and cost them with the step times in RUNS.jsonl")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else PILOT if args.pilot else FULL)
     name = args.name or ("transfer_real" + ("_quick" if args.quick else "_pilot" if args.pilot else ""))
@@ -535,9 +577,21 @@ def main(argv=None) -> int:
         cfg["targets"] = args.targets.split(",")
     if args.seeds:
         cfg["seeds"] = [int(s) for s in args.seeds.split(",")]
-    grid = [c for c in real_grid() if cfg["grid"] is None or c["id"] in cfg["grid"]]
-    if args.only:
-        grid = [c for c in real_grid() if c["id"] in args.only.split(",")]
+    by_id = {c["id"]: c for c in real_grid()}
+    ids = args.only.split(",") if args.only else cfg["grid"] or list(by_id)
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        print(f"transfer_real: unknown configuration {unknown[0]!r}; known: {', '.join(by_id)}", file=sys.stderr)
+        return 2
+    grid = [by_id[i] for i in ids]  # in the order given: the first ones finish first
+    if args.plan:
+        estimate = plan(cfg, grid, read_runs(Path(args.plan)))
+        hours = estimate["seconds_one_process"] / 3600
+        print(json.dumps(estimate, indent=1))
+        print(f"{estimate['training_runs']} training runs; {hours:.1f} h of training in one process at the measured "
+              f"step times (+ holdout/test evaluation), {hours / max(args.jobs, 1):.1f} h with {args.jobs} processes "
+              "on as many free cores")
+        return 0
     out, workdir = Path(args.out), Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -556,7 +610,7 @@ def main(argv=None) -> int:
     if not args.summarise:
         log(f"{len(cfg['bases'])} base(s) x {len(cfg['targets'])} targets x {len(grid)} configurations; runs to {jsonl}")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-            runs = schedule(cfg, grid, data_root, workdir / "states" / name, jsonl, pool, log)
+            runs = schedule(cfg, grid, data_root, workdir / "states" / name, jsonl, pool, args.jobs, log)
     else:
         runs = read_runs(jsonl)
     wanted = {c["id"] for c in grid}
