@@ -286,7 +286,7 @@ def _train(task, overrides, as_json):
 @click.option("--task", required=True)
 @with_options(train_options)
 def train_cmd(task, as_json, **overrides):
-    """Train the task's modulators (or a baseline) + head; prints val accuracy."""
+    """Train the task's modulators (or a baseline) + head; prints each accuracy with the split it comes from."""
     report = _train(task, overrides, as_json)
     split = "val folder" if report["val_source"] == "val" else "holdout carved from train"
     test = ("; no test folder, so no unbiased accuracy" if report["test_accuracy"] is None else
