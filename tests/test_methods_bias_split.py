@@ -140,3 +140,33 @@ def test_train_report_names_the_split_of_each_accuracy(colours, tmp_path):
     assert report["val_source"] == "split of train" and report["n_test"] == 12
     assert 0.0 <= report["test_accuracy"] <= 1.0
     assert round(report["test_accuracy"] * 12) == pytest.approx(report["test_accuracy"] * 12)
+
+
+def test_a_bias_pack_runs_on_the_device_runtime_with_the_host_logits(colours, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_runtime.runtime import Runtime
+    from km_edge.data import load_task_splits, make_loader
+    from km_edge.export import export_base
+
+    torch.manual_seed(0)
+    base = build_base("demo", None, input_size=SIZE)
+    manifest = export_base(base, tmp_path / "base")  # the frozen base, before its BN shifts train
+    config = MethodConfig(method="bias")
+    model = build_task_model(base, 2, config, 0)
+    splits = load_task_splits(colours, 0)
+    fit(model, config, make_loader(splits.train, base.preprocess, 8, True, 0),
+        make_loader(splits.val, base.preprocess, 64, False), epochs=1, max_steps=4, lr=3e-2, head_lr=3e-2,
+        progress=False)
+    key = Ed25519PrivateKey.generate()
+    body = {"task": "colours", "pack_version": 1, "base_id": manifest["base_id"], "labels": LABELS,
+            "preprocess": manifest["preprocess"], "method": "bias", "modulator": None,
+            **task_tensors(model, config), "metrics": {}, "trainer": {}}
+    (tmp_path / "colours.kmp").write_bytes(build_pack(body, key))
+    runtime = Runtime(tmp_path / "base", {pack_key_id(key): key.public_key()})
+    runtime.load_pack(tmp_path / "colours.kmp")
+    images = next(iter(make_loader(splits.val, base.preprocess, 64, False)))[0]
+    model.eval()
+    with torch.no_grad():
+        host = model(images).numpy()
+    np.testing.assert_allclose(runtime.logits(images.numpy()), host, atol=1e-4)
