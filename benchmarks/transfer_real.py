@@ -579,6 +579,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=None, help="comma-separated subset of the targets")
     parser.add_argument("--only", default=None, help="comma-separated configuration ids (default: the mode's grid)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the mode's)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="base input size instead of the mode's (e.g. 224 where a GPU is at hand)")
     parser.add_argument("--default-km", default=DEFAULT_KM_ID, help="the configuration reported as default KM")
     parser.add_argument("--summarise", action="store_true", help="no training: tables from the JSON-lines file")
     parser.add_argument("--plan", default=None, metavar="RUNS.jsonl",
@@ -590,6 +592,9 @@ def main(argv=None) -> int:
         cfg["targets"] = args.targets.split(",")
     if args.seeds:
         cfg["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.input_size:  # another size is another base: its runs never mix with the default size's
+        cfg["bases"] = [dict(b, input_size=args.input_size, name=f"{b['name']}-{args.input_size}px")
+                        for b in cfg["bases"]]
     by_id = {c["id"]: c for c in real_grid()}
     ids = args.only.split(",") if args.only else cfg["grid"] or list(by_id)
     unknown = [i for i in ids if i not in by_id]
