@@ -608,7 +608,8 @@ def main(argv=None) -> int:
         print(json.dumps(estimate, indent=1))
         print(f"{estimate['training_runs']} training runs; {hours:.1f} h of training in one process at the measured "
               f"step times (+ holdout/test evaluation), {hours / max(args.jobs, 1):.1f} h with {args.jobs} processes "
-              "on as many free cores")
+              "on as many free cores" + (f"; NOT costed (no measured run of their kind): "
+                                          f"{', '.join(estimate['not_measured'])}" if estimate["not_measured"] else ""))
         return 0
     out, workdir = Path(args.out), Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
