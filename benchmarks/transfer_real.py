@@ -542,27 +542,28 @@ def plan(cfg: dict, grid: list[dict], timing_runs: list[dict]) -> dict:
     """Training runs the configuration needs and, from measured runs (e.g. the pilot's), its CPU time.
 
     Per base x target x configuration: the sweep's rate pairs on the first seed, then one run per
-    further seed. A configuration never measured is costed like the median of the measured KM/LoRA
-    runs (adapters on every conv), or full fine-tuning's for ``full``.
+    further seed. A configuration never measured is costed like the median of the measured ones that
+    backpropagate through the whole base (all but head-only and full), or full fine-tuning's for ``full``.
     """
     per_step: dict = {}
     for r in timing_runs:  # CPU seconds per step where recorded (training + holdout evaluation), else wall
         if not r["key"].endswith("|final"):
             per_step.setdefault(r["config_id"], []).append(step_seconds(r))
     measured = {k: statistics.median(v) for k, v in per_step.items()}
-    adapters = [v for k, v in measured.items() if k.startswith(("km", "lora"))]
+    adapters = [v for k, v in measured.items() if k not in ("head", "full")]  # backward through the whole base
     fallback = {"full": measured.get("full"), "adapter": statistics.median(adapters) if adapters else None}
-    runs, seconds, unknown = 0, 0.0, set()
+    runs, seconds, unknown = 0, 0.0, []
     for config in grid:
         n = len(rate_pairs(cfg, config)) + len(cfg["seeds"]) - 1
         n *= len(cfg["bases"]) * len(cfg["targets"])
         runs += n
-        step = measured.get(config["id"]) or (fallback["full"] if config["method"] == "full" else fallback["adapter"])
+        step = measured.get(config["id"]) or {"full": fallback["full"], "head": None}.get(config["method"],
+                                                                                       fallback["adapter"])
         if step is None:
-            unknown.add(config["id"])
+            unknown.append(config["id"])
         else:
             seconds += n * cfg["steps"] * step
-    return {"training_runs": runs, "seconds_one_process": seconds, "not_measured": sorted(unknown),
+    return {"training_runs": runs, "seconds_one_process": seconds, "not_measured": unknown,
             "measured_seconds_per_step": measured}
 
 
