@@ -78,8 +78,12 @@ def real_grid() -> list[dict]:
         km(kh=4, ch=1), km(kh=16, ch=4),                           # hidden sizes
         km(act="relu"),                                            # activation
         km(weight_decay=1e-2, suffix="-wd1e-2"),                   # stronger pull toward identity (w2, b2 -> 0)
+        # the head alone for the first quarter of the steps, then the modulators too (linear probe, then
+        # fine-tune): the pilot saw BN-frozen KM's features die within ~20 steps of a fresh head's gradients
+        km(body_delay=0.25, suffix="-lpft"), km(bn=True, body_delay=0.25, suffix="-lpft"),
     ]
     grid.append({"id": "full", "method": "full"})
+    grid.append({"id": "full-lpft", "method": "full", "body_delay": 0.25})
     return grid
 
 
@@ -94,7 +98,8 @@ PILOT = dict(FULL, targets=["emoji-category", "icons-faenza-oxygen"], seeds=[0],
 QUICK = {"bases": [{"name": "demo-random", "arch": "demo", "weights": None, "input_size": 32}],
          "targets": ["faces-lfw"], "steps": 4, "batch_size": 16, "seeds": [0, 1],
          "train_per_class": 20, "test_per_class": 10,
-         "grid": ["head", "bn-affine", "bias", "lora-r1", DEFAULT_KM_ID, "km-auto-k8c1-gelu-bn-bnlr0.1", "full"],
+         "grid": ["head", "bn-affine", "bias", "lora-r1", DEFAULT_KM_ID, "km-auto-k8c1-gelu-bn-bnlr0.1",
+                  "km-auto-k8c1-gelu-lpft", "full"],
          "body_lrs": [1e-3, 1e-2], "head_only_lrs": [1e-2, 3e-2], "head_lrs": [1e-2]}
 
 
@@ -172,6 +177,7 @@ def run_one(job: dict) -> dict:
     cpu_started = time.process_time()  # CPU time: what a run costs, whatever else the machine is doing
     result = fit(model, method, make_loader(train, spec, job["batch_size"], True, seed), _eval_loader(holdout, spec),
                  epochs=1, max_steps=job["steps"], lr=lr, head_lr=head_lr, bn_lr=bn_lr,
+                 body_delay_steps=int(config.get("body_delay", 0) * job["steps"]),
                  weight_decay=config.get("weight_decay", 1e-4), progress=False)
     record = {
         **{k: job[k] for k in ("base_name", "target", "config_id", "seed", "lr", "head_lr", "steps", "phase")},

@@ -95,6 +95,7 @@ def fit(
     head_lr: float,
     weight_decay: float = 1e-4,
     bn_lr: float | None = None,
+    body_delay_steps: int = 0,
     device: torch.device = torch.device("cpu"),
     max_steps: int | None = None,
     progress: bool = True,
@@ -105,7 +106,7 @@ def fit(
     optimizer = torch.optim.AdamW(optimizer_groups(model, lr, head_lr, bn_lr), weight_decay=weight_decay)
     total_steps = max_steps or epochs * len(train_loader)
     epochs = math.ceil(total_steps / max(len(train_loader), 1))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    scheduler = _schedule(optimizer, total_steps, body_delay_steps)
     best = FitResult(best_val_accuracy=-1.0, best_epoch=-1, best_state={})
     step, train_seconds = 0, 0.0
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -144,6 +145,21 @@ def fit(
     best.seconds_per_epoch = train_seconds / max(epochs, 1)
     best.seconds_per_step = train_seconds / max(step, 1)
     return best
+
+
+def _schedule(optimizer, total_steps: int, body_delay_steps: int):
+    """Cosine decay; with ``body_delay_steps`` the body waits while the head trains alone (linear probe,
+    then fine-tune: a fresh head's gradients do not reach the pretrained layers), then decays over the rest."""
+    if body_delay_steps <= 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    delay = int(body_delay_steps)
+
+    def cosine(step: int, start: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(max(step - start, 0), total_steps - start) / max(total_steps - start, 1)))
+
+    head = lambda step: cosine(step, 0)  # noqa: E731
+    body = lambda step: 0.0 if step < delay else cosine(step, delay)  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [head] + [body] * (len(optimizer.param_groups) - 1))
 
 
 # --- tasks -----------------------------------------------------------------------------------

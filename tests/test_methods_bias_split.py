@@ -170,3 +170,22 @@ def test_a_bias_pack_runs_on_the_device_runtime_with_the_host_logits(colours, tm
     with torch.no_grad():
         host = model(images).numpy()
     np.testing.assert_allclose(runtime.logits(images.numpy()), host, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps, body_moves", [(3, False), (5, True)])
+def test_a_delayed_body_waits_while_the_head_trains_alone(colours, steps, body_moves):
+    from km_edge.data import load_task_splits, make_loader
+
+    torch.manual_seed(0)
+    base = build_base("demo", None, input_size=SIZE)
+    config = MethodConfig(method="km")
+    model = build_task_model(base, 2, config, 0)
+    body = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if p.requires_grad}
+    head = model.head.weight.detach().clone()
+    splits = load_task_splits(colours, 0)
+    fit(model, config, make_loader(splits.train, base.preprocess, 4, True, 0),
+        make_loader(splits.val, base.preprocess, 64, False), epochs=1, max_steps=steps, lr=3e-2, head_lr=3e-2,
+        body_delay_steps=3, progress=False)
+    assert not torch.equal(model.head.weight, head)
+    moved = [n for n, p in model.backbone.named_parameters() if p.requires_grad and not torch.equal(p, body[n])]
+    assert bool(moved) is body_moves, [(n, float((dict(model.backbone.named_parameters())[n] - body[n]).abs().max())) for n in moved][:3]
