@@ -87,7 +87,7 @@ def real_grid() -> list[dict]:
     return grid
 
 
-PILOT_GRID = ["head", DEFAULT_KM_ID, "km-auto-k8c1-gelu", "full", "lora-r2", "bn", "bias"]
+PILOT_GRID = ["head", DEFAULT_KM_ID, "km-auto-k8c1-gelu", "full", "lora-r2", "bn", "bias", "km-auto-k8c1-gelu-lpft"]
 # the pilot trains each method at km-edge's default rates (methods.DEFAULT_LR, head 1e-2): no sweep
 PILOT_LRS = "default"
 
@@ -356,7 +356,7 @@ def summarise(runs: list[dict], default_id: str) -> dict:
             "holdout_accuracy": statistics.mean(r["holdout_accuracy"] for r in items),
             "percent_of_base": items[0]["percent_of_base"], "trainable_params": items[0]["trainable_params"],
             "pack_bytes": items[0]["pack_bytes"],
-            "seconds_per_step": statistics.median(step_seconds(r) for r in items),
+            "seconds_per_step": _median(step_seconds(r) for r in items),
             "best_epochs": [r["best_epoch"] for r in items], "epochs": items[0]["epochs"],
             "mean_curve": [round(statistics.mean(c[i] for c in curves), 4) for i in range(min(map(len, curves)))],
         })
@@ -394,13 +394,18 @@ def summarise(runs: list[dict], default_id: str) -> dict:
     return {"rows": rows, "averages": averages, "pareto_front": fronts, "default_km": verdicts}
 
 
-def step_seconds(run: dict) -> float:
-    """CPU seconds per step (training and its holdout evaluations, one thread) where recorded, else wall.
+def step_seconds(run: dict) -> float | None:
+    """CPU seconds per step (training and its holdout evaluations, one thread); None where not recorded.
 
     CPU time does not grow when other processes share the cores, so ratios and runtime estimates
-    made from it hold on a busy machine.
+    made from it hold on a busy machine; wall time (``seconds_per_step``) does not, and is not used.
     """
-    return run["cpu_seconds"] / run["steps"] if "cpu_seconds" in run else run["seconds_per_step"]
+    return run["cpu_seconds"] / run["steps"] if "cpu_seconds" in run else None
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def relative_costs(runs: list[dict]) -> dict:
@@ -414,12 +419,13 @@ def relative_costs(runs: list[dict]) -> dict:
             memory[(r["base_name"], r["config_id"])] = r["train_memory_bytes"]["total"]
     costs = {}
     for (base, config_id), times in steps.items():
-        full_step = statistics.median(steps.get((base, "full"), [float("nan")]))
+        full_step = _median(steps.get((base, "full"), []))
         full_mem = memory.get((base, "full"))
         mem = memory.get((base, config_id))
+        step = _median(times)
         costs[(base, config_id)] = {
-            "seconds_per_step": statistics.median(times),
-            "step_time_vs_full": statistics.median(times) / full_step if full_step == full_step else None,
+            "seconds_per_step": step,
+            "step_time_vs_full": step / full_step if step is not None and full_step else None,
             "peak_memory_bytes": mem,
             "peak_memory_vs_full": mem / full_mem if mem is not None and full_mem else None,
         }
@@ -486,7 +492,8 @@ def write_markdown(path: Path, summary: dict, costs: dict, cfg: dict, meta: dict
         for r in rows:
             curve = " ".join(f"{100 * v:.0f}" for v in r["mean_curve"])
             lines.append(f"| {r['config']} | {r['target']} | {r['lr']:g} / {r['head_lr']:g} | {curve} | "
-                         f"{r['best_epochs']} of {r['epochs']} | {r['seconds_per_step']:.2f} |")
+                         f"{r['best_epochs']} of {r['epochs']} | "
+                         + ("–" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}") + " |")
         lines.append("")
     lines += ["◆ = on the Pareto front of the parameter-efficient methods (mean test accuracy vs % base).", ""]
     path.write_text("\n".join(lines))
@@ -555,7 +562,7 @@ def plan(cfg: dict, grid: list[dict], timing_runs: list[dict]) -> dict:
     for r in timing_runs:  # CPU seconds per step where recorded (training + holdout evaluation), else wall
         if not r["key"].endswith("|final"):
             per_step.setdefault(r["config_id"], []).append(step_seconds(r))
-    measured = {k: statistics.median(v) for k, v in per_step.items()}
+    measured = {k: _median(v) for k, v in per_step.items() if _median(v) is not None}
     adapters = [v for k, v in measured.items() if k not in ("head", "full")]  # backward through the whole base
     fallback = {"full": measured.get("full"), "adapter": statistics.median(adapters) if adapters else None}
     runs, seconds, unknown = 0, 0.0, []
@@ -648,7 +655,8 @@ def main(argv=None) -> int:
     meta = {"command": command, "minutes": minutes, "run_count": len(runs), "default_km": args.default_km,
             "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} worker processes, 1 torch "
                        "thread each",
-            "train_cpu_seconds_total": sum(step_seconds(r) * r["steps"] for r in runs if not r["key"].endswith("|final"))}
+            "train_cpu_seconds_total": sum((step_seconds(r) or 0.0) * r["steps"] for r in runs
+                                           if not r["key"].endswith("|final"))}
     if args.pilot:
         meta["pilot"] = (f"{len(cfg['targets'])} targets x {len(grid)} methods, each at km-edge's default learning "
                          f"rates (no sweep), seeds {cfg['seeds']}; it measures the cost of one run so the full "
