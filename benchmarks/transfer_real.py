@@ -545,8 +545,8 @@ def write_plot(path: Path, summary: dict, default_id: str, title: str) -> None:
     handles = [plt.Line2D([], [], ls="", marker="o", c=c, label=m) for m, c in colours.items()]
     handles += [plt.Line2D([], [], ls="", marker="*", c="tab:red", markersize=10, label="default KM"),
                 plt.Line2D([], [], ls="--", c="tab:purple", label="Pareto front (PEFT)")]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
 
 
