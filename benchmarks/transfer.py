@@ -8,6 +8,8 @@ and val accuracy is reported as mean +- std over seeds. Outputs: results/transfe
 
     python benchmarks/transfer.py            # the full benchmark (make bench-transfer)
     python benchmarks/transfer.py --quick    # a smoke run of the same code paths (CI)
+    python benchmarks/transfer.py --config real [--quick|--pilot]   # ImageNet EfficientNet-Lite0, real
+                                             # images (benchmarks/transfer_real.py); --config synthetic = this
 """
 
 from __future__ import annotations
@@ -456,6 +458,19 @@ def resummarise(out: Path) -> int:
 # --- driver -------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     global DEFAULT_KM_ID
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:  # --config real: the real-base benchmark (benchmarks/transfer_real.py)
+        at = argv.index("--config")
+        config = argv[at + 1] if at + 1 < len(argv) else ""
+        if config not in ("real", "synthetic"):
+            print(f"transfer.py: --config must be real or synthetic, got {config!r}", file=sys.stderr)
+            return 2
+        del argv[at:at + 2]
+        if config == "real":
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            import transfer_real
+
+            return transfer_real.main(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few steps (CI)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where JSON/MD/PNG go")

@@ -377,12 +377,16 @@ def _train(task, overrides, as_json):
 @click.option("--task", required=True)
 @with_options(train_options)
 def train_cmd(task, as_json, **overrides):
-    """Train the task's modulators (or a baseline) + head; prints val accuracy."""
+    """Train the task's modulators (or a baseline) + head; prints each accuracy with the split it comes from."""
     report = _train(task, overrides, as_json)
+    split = "val folder" if report["val_source"] == "val" else "holdout carved from train"
+    test = ("; no test folder, so no unbiased accuracy" if report["test_accuracy"] is None else
+            f"; test accuracy {report['test_accuracy']:.4f} (test folder, {report['n_test']} images, used for no choice)")
     _emit(report, as_json,
-          f"{task} [{report['method']}]: val accuracy {report['val_accuracy']:.4f} "
-          f"(untrained {report['untrained_val_accuracy']:.4f}); {report['trainable_params']} trainable params "
-          f"= {report['percent_of_base']:.3f} % of base + {report['head_params']} head; checkpoint {report['checkpoint']}")
+          f"{task} [{report['method']}]: {split} accuracy {report['val_accuracy']:.4f} at epoch {report['best_epoch']} "
+          f"(that split picked the epoch; untrained {report['untrained_val_accuracy']:.4f}){test}; "
+          f"{report['trainable_params']} trainable params = {report['percent_of_base']:.3f} % of base + "
+          f"{report['head_params']} head; checkpoint {report['checkpoint']}")
 
 
 @command(main, "pack")

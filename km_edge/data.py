@@ -60,6 +60,18 @@ def load_task_splits(data_dir: str | Path, seed: int = 0) -> TaskSplits:
     return TaskSplits(classes, train, val, "split of train")
 
 
+def load_test_split(data_dir: str | Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """The optional ``test`` folder: never used for a choice, evaluated once after training."""
+    test_dir = Path(data_dir) / "test"
+    if not test_dir.is_dir():
+        return []
+    test_classes, test = list_image_folder(test_dir)
+    if test_classes != classes:
+        raise DataError(f"{test_dir}: test classes {test_classes} differ from train classes {classes}")
+    check_images(test)
+    return test
+
+
 def check_images(samples: list[tuple[Path, int]]) -> None:
     """Open every image once up front, so a broken file stops training before it starts."""
     for path, _ in samples:

@@ -17,10 +17,10 @@ from .adapters import attach_km, attach_lora
 from .models import TaskModel
 from .options import METHODS
 # Methods whose task tensors fit in a pack (full fine-tuning produces a whole new model).
-PACKABLE_METHODS = ("km", "head", "bn", "lora")
+PACKABLE_METHODS = ("km", "head", "bn", "bias", "lora")
 
 # Default learning rates per method (AdamW, cosine schedule); the head gets head_lr.
-DEFAULT_LR = {"km": 3e-3, "head": 1e-2, "bn": 1e-2, "lora": 3e-3, "full": 1e-3}
+DEFAULT_LR = {"km": 3e-3, "head": 1e-2, "bn": 1e-2, "bias": 1e-2, "lora": 3e-3, "full": 1e-3}
 DEFAULT_HEAD_LR = 1e-2
 
 
@@ -31,6 +31,8 @@ class MethodConfig:
     train_bn: bool = False
     lora_rank: int = 2
     lora_alpha: float | None = None
+    # BatchNorm's affine terms train but its running statistics stay the base's
+    freeze_bn_stats: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -40,7 +42,18 @@ class MethodConfig:
 
     @property
     def trains_bn(self) -> bool:
-        return self.method in ("bn", "full") or (self.train_bn and self.method in ("km", "lora"))
+        """BatchNorm's scale and shift train."""
+        return self.method in ("bn", "full") or (self.train_bn and self.method in ("km", "lora", "bias"))
+
+    @property
+    def adapts_bn_stats(self) -> bool:
+        """BatchNorm's running statistics follow the task's data while training."""
+        return self.trains_bn and not self.freeze_bn_stats
+
+    @property
+    def bn_is_task_state(self) -> bool:
+        """BatchNorm tensors belong to the task (checkpoint, pack overrides)."""
+        return self.trains_bn or self.method == "bias"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -60,6 +73,12 @@ def prepare_model(model: TaskModel, config: MethodConfig) -> None:
         for bn in batchnorms(model.backbone):
             for param in bn.parameters():
                 param.requires_grad_(True)
+    elif config.method == "bias":
+        # TinyTL's bias-only update: in a conv + BatchNorm net a conv bias is absorbed by the BN
+        # shift, so the shifts are the network's biases (the scales and statistics stay the base's).
+        for bn in batchnorms(model.backbone):
+            if bn.bias is not None:
+                bn.bias.requires_grad_(True)
     for param in model.head.parameters():
         param.requires_grad_(True)
 
@@ -71,7 +90,7 @@ def batchnorms(backbone: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def set_train_mode(model: TaskModel, config: MethodConfig, training: bool = True) -> None:
     """Train mode everywhere, except BatchNorm keeps the base's statistics unless they are task tensors."""
     model.train(training)
-    if training and not config.trains_bn:
+    if training and not config.adapts_bn_stats:
         for bn in batchnorms(model.backbone):
             bn.eval()
 
@@ -83,7 +102,7 @@ def _is_task_key(key: str, config: MethodConfig, bn_prefixes: tuple[str, ...]) -
         return True
     if ".parametrizations.weight." in key:
         return not key.endswith(".original")
-    return config.trains_bn and key.startswith(bn_prefixes)
+    return config.bn_is_task_state and key.startswith(bn_prefixes)
 
 
 def task_state(model: TaskModel, config: MethodConfig) -> dict[str, torch.Tensor]:
@@ -125,9 +144,14 @@ def head_learning_rate(method: str, lr: float) -> float:
     return lr if method == "full" else max(lr, DEFAULT_HEAD_LR)
 
 
-def optimizer_groups(model: TaskModel, lr: float, head_lr: float) -> list[dict]:
-    body = [p for p in model.backbone.parameters() if p.requires_grad]
+def optimizer_groups(model: TaskModel, lr: float, head_lr: float, bn_lr: float | None = None) -> list[dict]:
+    """Head at head_lr, the rest of what trains at lr; BatchNorm at bn_lr when given (per-group rates)."""
+    bn_params = {id(p) for bn in batchnorms(model.backbone) for p in bn.parameters()} if bn_lr is not None else set()
+    body = [p for p in model.backbone.parameters() if p.requires_grad and id(p) not in bn_params]
+    bn = [p for p in model.backbone.parameters() if p.requires_grad and id(p) in bn_params]
     groups = [{"params": list(model.head.parameters()), "lr": head_lr}]
     if body:
         groups.append({"params": body, "lr": lr})
+    if bn:
+        groups.append({"params": bn, "lr": bn_lr})
     return groups

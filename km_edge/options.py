@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from device_runtime.errors import ConfigError
 from device_runtime.km import ACTIVATIONS, KINDS
 
-METHODS = ("km", "head", "bn", "lora", "full")
+METHODS = ("km", "head", "bn", "bias", "lora", "full")
 DEVICES = ("cpu", "cuda", "mps", "auto")
 
 

@@ -19,7 +19,7 @@ def task_tensors(model, config) -> dict:
     """A trained task model's pack tensors: adapted layers, head and BatchNorm overrides."""
     layers = [adapter.pack_entry(name) for name, adapter in adapters_of(model.backbone).items()]
     bn = []
-    if config.trains_bn:
+    if config.bn_is_task_state:
         named = {id(m): n for n, m in model.backbone.named_modules()}
         for module in batchnorms(model.backbone):
             bn.append(BnEntry(

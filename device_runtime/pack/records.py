@@ -48,7 +48,7 @@ from .tensors import DTYPES, TensorEntry, decode_tensors, encode_tensors
 
 __all__ = ["Layer", "BnEntry", "Pack", "METHODS", "HEAD_TENSORS", "BN_TENSORS", "BODY_FIELDS"]
 
-METHODS = ("km", "lora", "bn", "head")
+METHODS = ("km", "lora", "bn", "bias", "head")
 HEAD_TENSORS = ("weight", "bias")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 PREPROCESS_FIELDS = ("crop", "interpolation", "mean", "resize", "std")
@@ -417,7 +417,7 @@ class Pack:
         if not isinstance(obj["data"], bytes):
             raise MalformedPackError(f"data must be bin, got {show(obj['data'])}")
         layers, bn, index = obj["layers"], obj["bn"], obj["tensors"]
-        if method in ("bn", "head") and layers:
+        if method in ("bn", "bias", "head") and layers:
             raise PackLimitError(f"a {method} pack adapts no conv layers, got {len(layers)}")
         per_layer = len(Layer.tensor_names(method))
         needed = per_layer * len(layers) + len(HEAD_TENSORS) + len(BN_TENSORS) * len(bn)
