@@ -85,7 +85,8 @@ def test_bias_method_trains_only_the_batchnorm_shifts_and_packs(colours):
     tensors = task_tensors(model, config)
     assert len(tensors["bn"]) == len(names) and tensors["layers"] == []
     key = Ed25519PrivateKey.generate()
-    body = {"task": "colours", "pack_version": 1, "base_id": "0" * 64, "labels": LABELS, "preprocess": {},
+    body = {"task": "colours", "pack_version": 1, "base_id": "0" * 64, "labels": LABELS,
+            "preprocess": {"resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"},
             "method": "bias", "modulator": None, **tensors, "metrics": {}, "trainer": {}}
     pack = read_pack(build_pack(body, key), {pack_key_id(key): key.public_key()})
     assert pack.method == "bias"
