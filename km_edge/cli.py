@@ -598,7 +598,7 @@ def inspect_cmd(pack_path, pubkeys, as_json):
 @click.option("--workdir", default="demo-work", show_default=True, type=click.Path(file_okay=False))
 @click.option("--tasks", default="letters,shapes,textures", show_default=True, help="Target tasks to pack.")
 @click.option("--epochs", default=None, type=TRAIN["epochs"].click_type(), help="Training epochs per task [demo default].")
-@click.option("--input-size", default=None, type=BASE["input_size"].click_type(), help="Base input size [demo default, 64].")
+@click.option("--input-size", default=None, type=BASE["input_size"].click_type(), help="Base input size [demo default, 48].")
 def demo_cmd(workdir, tasks, epochs, input_size, as_json):
     """The whole flow offline, in minutes, on the real ImageNet EfficientNet-Lite0 base."""
     from .demo import run_demo

@@ -445,7 +445,7 @@ def build_base(
         preprocess = spec.default_preprocess(full_model)
     elif weights is not None and not local:
         preprocess = _download_weights(spec, weights, full_model)
-    elif saved is not None and not is_base_file:
+    elif saved is not None and not is_base_file and full_model is not None:
         _load_state(weights, full_model, saved, arch)
     if preprocess is None:
         preprocess = spec.default_preprocess(full_model)
@@ -457,6 +457,8 @@ def build_base(
     if is_base_file:
         _load_state(weights, backbone, saved.get("state_dict", {}), arch)
         preprocess = _saved_preprocess(saved, preprocess)
+    elif saved is not None and full_model is None:  # a plain state_dict of a backbone-only row (demo)
+        _load_state(weights, backbone, saved, arch)
     if classifier is not None and classifier.in_features != feature_size:
         classifier, class_names = None, None
     preprocess = scale_preprocess(preprocess, input_size, resize)
@@ -567,9 +569,7 @@ def _read_base_file(path: str) -> dict:
     return saved
 
 
-def _load_state(path: str, target: nn.Module | None, state: dict, arch: str) -> None:
-    if target is None:
-        raise CheckpointError(f"{path}: {arch} loads only km-edge base files (km-edge pretrain)")
+def _load_state(path: str, target: nn.Module, state: dict, arch: str) -> None:
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError:
