@@ -19,7 +19,7 @@ import torch
 
 from device_runtime.errors import ConfigError
 from device_runtime.imagefolder import list_image_folder
-from device_runtime.keys import generate_keypair, load_trusted_keys
+from device_runtime.keys import generate_keypair, key_paths, load_trusted_keys
 from device_runtime.preprocess import load_image, preprocess
 from device_runtime.runtime import Runtime
 
@@ -91,20 +91,21 @@ def run_demo(
         f"{len(manifest['conv_layers'])} convs, {input_size} px) to {work / 'base'}: base_id {manifest['base_id'][:16]}…")
 
     keys = work / "keys"
-    if not (keys / "signing.key").exists():
+    private_key, public_key = key_paths(keys)
+    if not private_key.exists():
         generate_keypair(keys)
     log(f"[3/6] signing key in {keys}")
 
     options = dict(TRAIN_DEFAULTS, epochs=epochs or TASK_EPOCHS, batch_size=BATCH_SIZE, device="cpu", seed=DEMO_SEED)
     km_options = dict(options, **DEMO_KM_OPTIONS)
-    runtime = Runtime(work / "base", load_trusted_keys([keys / "signing.pub"]))
+    runtime = Runtime(work / "base", load_trusted_keys([public_key]))
     rows = []
     for task in tasks:
         log(f"[4/6] {task}: training KM and packing; training the head-only baseline")
         checkpoint_path = work / "checkpoints" / f"{task}.pt"
         trained = train_task(task, data / task, base_spec, km_options, checkpoint_path, progress=progress)
         checkpoint = load_checkpoint(checkpoint_path)
-        packed = write_task_pack(checkpoint, work / "base", keys / "signing.key", work / "packs" / f"{task}.kmp")
+        packed = write_task_pack(checkpoint, work / "base", private_key, work / "packs" / f"{task}.kmp")
         baseline = train_task(task, data / task, base_spec, dict(options, method=BASELINE),
                               work / "checkpoints" / f"{task}-{BASELINE}.pt", progress=progress)
 

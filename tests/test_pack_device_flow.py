@@ -265,9 +265,9 @@ def test_fp16_pack_halves_the_tensors_and_keeps_the_accuracy(demo_project, lette
 
 def _pack_tensors(pack) -> list[tuple[str, np.ndarray]]:
     """Every tensor a decoded pack carries, named by where it sits."""
-    named = [(f"layers[{i}].{k}", t) for i, layer in enumerate(pack.layers) for k, t in layer["tensors"].items()]
+    named = [(f"layers[{i}].{k}", t) for i, layer in enumerate(pack.layers) for k, t in layer.tensors.items()]
     named += [(f"head.{k}", t) for k, t in pack.head.items()]
-    named += [(f"bn[{i}].{k}", t) for i, entry in enumerate(pack.bn) for k, t in entry["tensors"].items()]
+    named += [(f"bn[{i}].{k}", t) for i, entry in enumerate(pack.bn) for k, t in entry.tensors.items()]
     return named
 
 
