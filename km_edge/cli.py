@@ -340,13 +340,13 @@ def export_base_cmd(out_dir, arch, weights, input_size, as_json):
         "base_dir": str(out_dir),
         "base_id": manifest["base_id"],
         "arch": manifest["arch"],
-        "weights": manifest["weights"],
+        "weights": base.weights,
         "preprocess": manifest["preprocess"],
         "conv_layers": len(manifest["conv_layers"]),
         "graph_bytes": manifest["graph_bytes"],
         "weights_bytes": manifest["weights_bytes"],
     }
-    _emit(report, as_json, f"exported {manifest['arch']} (weights {manifest['weights']}) to {out_dir}\n"
+    _emit(report, as_json, f"exported {manifest['arch']} (weights {base.weights}) to {out_dir}\n"
                           f"base_id {manifest['base_id']}")
 
 

@@ -10,6 +10,7 @@ graph inputs so onnxruntime treats them as constants and can fuse Conv+BN itself
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def export_base(base: BaseModel, out_dir: str | Path) -> dict:
     conv_entries, bn_entries, bn_eps = _graph_layers(model, base.backbone, base.arch)
     meta = {
         "arch": base.arch,
-        "weights": base.weights,
+        # a local weights file by its name only: the base's identity (base_id) must not depend on the
+        # folder it was exported from (base_fingerprint already pins the values)
+        "weights": Path(base.weights).name if base.weights and os.sep in str(base.weights) else base.weights,
         "width": base.width,
         "input_size": base.input_size,
         "preprocess": base.preprocess,
