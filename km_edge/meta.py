@@ -94,23 +94,27 @@ def modulator_state(model: TaskModel) -> dict[str, torch.Tensor]:
             if ".parametrizations.weight." in k and not k.endswith(".original")}
 
 
+def prototype_weights(features: torch.Tensor, labels: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of the nearest-class-mean classifier: ``-|f - mu|^2 / T`` is linear in ``f`` up to a
+    per-sample constant, ``W = 2 mu / T``, ``b = -|mu|^2 / T``. ``T`` is the mean squared distance of
+    the support features to their overall mean (positive at one shot too), so the logits start on a
+    scale where softmax is not saturated and the head and body still get gradients."""
+    means = torch.stack([features[labels == c].mean(0) for c in range(ways)])
+    spread = ((features - features.mean(0)) ** 2).sum(1).mean()
+    temperature = spread if float(spread) > 1e-6 else torch.tensor(1.0)
+    return 2 * means / temperature, -(means**2).sum(1) / temperature
+
+
 @torch.no_grad()
 def prototype_head(model: TaskModel, images: torch.Tensor, labels: torch.Tensor, ways: int) -> None:
-    """Set the head to the nearest-class-mean classifier of the support features.
-
-    ``-|f - mu|^2 / T`` is linear in ``f`` up to a per-sample constant: ``W = 2 mu / T``,
-    ``b = -|mu|^2 / T``. ``T`` is the mean squared distance of support features to their own class
-    mean (1 when every class has one image), so the logits start on a scale softmax can learn from.
-    """
+    """Set the head to the nearest-class-mean classifier of the support features (base BN statistics)."""
     was_training = model.training
     model.eval()
     features = model.backbone(images)
     model.train(was_training)
-    means = torch.stack([features[labels == c].mean(0) for c in range(ways)])
-    spread = ((features - means[labels]) ** 2).sum(1).mean()
-    temperature = spread if float(spread) > 1e-6 else torch.tensor(1.0)
-    model.head.weight.copy_(2 * means / temperature)
-    model.head.bias.copy_(-(means**2).sum(1) / temperature)
+    weight, bias = prototype_weights(features, labels, ways)
+    model.head.weight.copy_(weight)
+    model.head.bias.copy_(bias)
 
 
 def adapt(model: TaskModel, config: MethodConfig, images: torch.Tensor, labels: torch.Tensor, ways: int,
