@@ -364,7 +364,8 @@ def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, as_json, **ov
           f"{report['percent_of_base_bytes']:.2f} % of the base; host val accuracy {report['host_val_accuracy']:.4f}")
 
 
-meta_options = [_flag(name, setting) for name, setting in META.items()] + [
+meta_options = [click.option("--" + name.replace("_", "-"), name, type=setting.click_type(), default=setting.default,
+                              show_default=True, help=setting.help) for name, setting in META.items()] + [
     _flag(name, TRAIN[name]) for name in ("lr", "head_lr", "seed", "modulator", "kernel_hidden", "channel_hidden",
                                           "activation")]
 
@@ -377,12 +378,8 @@ meta_options = [_flag(name, setting) for name, setting in META.items()] + [
 @with_options(meta_options)
 def meta_train_cmd(data_dir, out_path, as_json, **overrides):
     """Meta-learn a KM initialisation (Reptile) for few-shot tasks; use it with train --init FILE."""
-    from .options import META_DEFAULTS
-
     settings = _settings()
-    meta = {k: (overrides.pop(k) if overrides.get(k) is not None else v) for k, v in META_DEFAULTS.items()}
-    for k in META_DEFAULTS:
-        overrides.pop(k, None)
+    meta = {name: overrides.pop(name) for name in META}
     options = settings.train_options(None, **overrides)
     out_path = Path(out_path) if out_path else settings.path("checkpoints") / "meta-init.pt"
     from .meta import meta_train

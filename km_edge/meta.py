@@ -226,6 +226,8 @@ def meta_train(data_dir: str | Path, base_spec: dict, options: dict, meta: dict,
     from .models import build_base
     from .train import build_task_model, seed_everything
 
+    if not Path(data_dir).is_dir():  # refused before the base is built
+        raise DataError(f"{data_dir}: data folder does not exist")
     seed = int(options["seed"])
     seed_everything(seed)
     base = build_base(**base_spec)

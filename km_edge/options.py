@@ -116,7 +116,6 @@ META = {
     "inner_steps": Setting(int, 10, 1, 10_000, help="Adaptation steps on each episode's support set."),
     "meta_lr": Setting(float, 1.0, 1e-6, 1.0, help="Reptile outer step size, annealed linearly to 0."),
 }
-META_DEFAULTS = {name: setting.default for name, setting in META.items()}
 
 # [base]: which frozen network. `arch` and `weights` are checked by the model registry.
 BASE = {
