@@ -118,7 +118,9 @@ class Methods:
             model = TaskModel(copy.deepcopy(base.backbone), base.feature_size, ways)
             prepare_model(model, config)
             if name == "kmmeta":
-                model.load_state_dict(meta_init, strict=False)
+                loaded = model.load_state_dict(meta_init, strict=False)
+                if loaded.unexpected_keys or set(meta_init) - set(model.state_dict()):
+                    raise SystemExit(f"meta-init does not fit the KM model: {loaded.unexpected_keys[:3]}")
             self.models[name], self.configs[name] = model, config
             self.starts[name] = {k: v.detach().clone() for k, v in model.state_dict().items()
                                  if not k.endswith(".original") and not k.startswith("head.")

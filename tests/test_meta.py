@@ -141,3 +141,20 @@ def test_episodes_the_source_cannot_supply_are_refused(project):
 def test_bad_flag_values_exit_2(project):
     result = km(project, "meta-train", "--data", "source", "--ways", "1")
     assert result.returncode == 2 and "--ways" in result.stderr
+
+
+def test_prototype_head_is_the_nearest_class_mean_classifier():
+    from km_edge.meta import prototype_weights
+
+    generator = torch.Generator().manual_seed(0)
+    support = torch.randn(12, 16, generator=generator) * 3
+    labels = torch.arange(4).repeat(3)
+    queries = torch.randn(200, 16, generator=generator) * 3
+    weight, bias = prototype_weights(support, labels, 4)
+    means = torch.stack([support[labels == c].mean(0) for c in range(4)])
+    nearest = torch.cdist(queries, means).argmin(1)
+    assert torch.equal((queries @ weight.T + bias).argmax(1), nearest)
+    # one shot per class: still a finite, non-degenerate head
+    weight, bias = prototype_weights(support[:4], labels[:4], 4)
+    assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
+    assert torch.equal((support[:4] @ weight.T + bias).argmax(1), labels[:4])
