@@ -73,9 +73,12 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--meta-episodes", type=int, default=2000, help="Reptile episodes (meta-training)")
     p.add_argument("--meta-shots", type=int, default=5)
+    p.add_argument("--meta-queries", type=int, default=5, help="query images per class in a meta-training episode")
     p.add_argument("--val-episodes", type=int, default=50, help="validation episodes per lr candidate")
     p.add_argument("--per-class", type=int, default=16, help="rendered images per character")
     p.add_argument("--input-size", type=int, default=96)
+    p.add_argument("--arch", default="efficientnet_lite0", help="base architecture (frozen)")
+    p.add_argument("--weights", default="imagenet", help="base weights (none: random, for smoke tests)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pilot", action="store_true", help="label the results as a pilot (too few episodes)")
@@ -208,12 +211,13 @@ def main(argv=None) -> int:
     source = glyph_source.describe(splits)
     groups = {n: group_by_class(s.labels) for n, s in splits.items()}
 
-    base = build_base("efficientnet_lite0", "imagenet", input_size=args.input_size)
+    torch.manual_seed(args.seed)  # `--weights none` draws the same random base on every resume
+    base = build_base(args.arch, args.weights, input_size=args.input_size)
     fingerprint = base.fingerprint()
     preprocess = base.preprocess
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("episodes", "pilot", "work", "out", "threads", "methods")}
-    settings["base_fingerprint"] = fingerprint
+                if k not in ("episodes", "pilot", "work", "out", "threads", "methods", "arch", "weights")}
+    settings["base_fingerprint"] = fingerprint  # binds the base (arch and weights) to the state
     state_path = args.work / "state.json"
     state = load_state(state_path, settings)
 
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
             prepare_model(model, config)
             images = to_input(splits["meta"].images, preprocess)
             record = reptile(model, config, images, splits["meta"].labels, ways=args.ways, shots=args.meta_shots,
-                             queries=5, episodes=args.meta_episodes, inner_steps=args.inner_steps, lr=META_INNER_LR,
+                             queries=args.meta_queries, episodes=args.meta_episodes, inner_steps=args.inner_steps, lr=META_INNER_LR,
                              head_lr=META_HEAD_LR, meta_lr=1.0, seed=args.seed, progress=True)
             del images
             meta_init = modulator_state(model)
@@ -329,7 +333,7 @@ def write_results(args, state: dict, source: dict, names: list[str], methods: Me
     write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=1, allow_nan=True).encode())
     lines = [f"# Few-shot benchmark ({result['label']})", "",
              f"{args.ways}-way episodes on glyphs of unseen scripts ({', '.join(source['test_scripts'])}; "
-             f"{source['test_classes']} classes) from the DejaVu fonts; base: ImageNet EfficientNet-Lite0 at "
+             f"{source['test_classes']} classes) from the DejaVu fonts; base: {args.arch} (weights {args.weights}) at "
              f"{args.input_size} px, frozen; {args.inner_steps} inner steps for every trained method; "
              f"{args.queries} queries per class; 95 % CI = 1.96 sd / sqrt(episodes).", "",
              "| shots | method | episodes | accuracy | 95 % CI | lr (body, head) | s/episode (median, min) |",
