@@ -330,7 +330,6 @@ def write_results(args, state: dict, source: dict, names: list[str], methods: Me
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count()},
     }
-    write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=1, allow_nan=True).encode())
     lines = [f"# Few-shot benchmark ({result['label']})", "",
              f"{args.ways}-way episodes on glyphs of unseen scripts ({', '.join(source['test_scripts'])}; "
              f"{source['test_classes']} classes) from the DejaVu fonts; base: {args.arch} (weights {args.weights}) at "
@@ -351,7 +350,30 @@ def write_results(args, state: dict, source: dict, names: list[str], methods: Me
                   f"(+ head {args.ways}x1281). Timings: {args.threads} torch thread(s) on a shared machine "
                   f"({os.cpu_count()} CPUs), under `nice -n 19`; per-episode seconds include adaptation "
                   "and query evaluation."]
+    projection = project_full_run(rows, result["meta_train"])
+    result["projected_full_run_hours"] = projection
+    if projection:
+        lines += ["", f"Projected cost of the full run at these measured per-episode medians (600 test episodes and "
+                      f"50 validation episodes per lr candidate for each measured method and shot count, "
+                      f"{FULL_META_EPISODES} Reptile episodes): about {projection:.1f} CPU hours on this machine."]
+    write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=1, allow_nan=True).encode())
     write_atomic(args.out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+
+
+FULL_TEST_EPISODES, FULL_VAL_EPISODES, FULL_META_EPISODES = 600, 50, 2000
+
+
+def project_full_run(rows: list[dict], meta: dict | None) -> float | None:
+    """Hours the full benchmark would take at the measured per-episode medians (methods measured here)."""
+    if not rows:
+        return None
+    seconds = 0.0
+    for r in rows:
+        candidates = len(LR_GRID.get(r["method"], []))
+        seconds += r["seconds_per_episode_median"] * (FULL_TEST_EPISODES + FULL_VAL_EPISODES * candidates)
+    if meta:
+        seconds += meta["seconds_per_episode"] * FULL_META_EPISODES
+    return seconds / 3600
 
 
 if __name__ == "__main__":
