@@ -350,6 +350,13 @@ def write_results(args, state: dict, source: dict, names: list[str], methods: Me
                   f"(+ head {args.ways}x1281). Timings: {args.threads} torch thread(s) on a shared machine "
                   f"({os.cpu_count()} CPUs), under `nice -n 19`; per-episode seconds include adaptation "
                   "and query evaluation."]
+    paired = paired_differences(args.shots, names, state)
+    result["paired_differences"] = paired
+    if paired:
+        lines += ["", "Paired differences on the same episodes (method minus baseline, 95 % CI):", "",
+                  "| shots | method | baseline | episodes | difference | 95 % CI |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d['shots']} | {d['method']} | {d['baseline']} | {d['episodes']} | {d['difference']:+.3f} | "
+                  f"±{d['ci95']:.3f} |" for d in paired]
     projection = project_full_run(rows, result["meta_train"])
     result["projected_full_run_hours"] = projection
     if projection:
@@ -358,6 +365,26 @@ def write_results(args, state: dict, source: dict, names: list[str], methods: Me
                       f"{FULL_META_EPISODES} Reptile episodes): about {projection:.1f} CPU hours on this machine."]
     write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=1, allow_nan=True).encode())
     write_atomic(args.out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+
+
+def paired_differences(shots_list, names, state) -> list[dict]:
+    """Every trained method against the prototype and linear-probe baselines, episode by episode."""
+    out = []
+    for shots in shots_list:
+        for baseline in ("proto", "linear"):
+            if baseline not in names:
+                continue
+            for name in names:
+                if name in ("proto", baseline):
+                    continue
+                a, b = state["episodes"].get(f"{name}/{shots}", []), state["episodes"].get(f"{baseline}/{shots}", [])
+                n = min(len(a), len(b))
+                if n < 2:
+                    continue
+                diff = [x - y for x, y in zip(a[:n], b[:n])]
+                out.append({"shots": shots, "method": name, "baseline": baseline, "episodes": n,
+                            "difference": float(np.mean(diff)), "ci95": ci95(diff)})
+    return out
 
 
 FULL_TEST_EPISODES, FULL_VAL_EPISODES, FULL_META_EPISODES = 600, 50, 2000
