@@ -334,7 +334,9 @@ def write_results(args, state: dict, source: dict, names: list[str], methods: Me
              f"{args.ways}-way episodes on glyphs of unseen scripts ({', '.join(source['test_scripts'])}; "
              f"{source['test_classes']} classes) from the DejaVu fonts; base: {args.arch} (weights {args.weights}) at "
              f"{args.input_size} px, frozen; {args.inner_steps} inner steps for every trained method; "
-             f"{args.queries} queries per class; 95 % CI = 1.96 sd / sqrt(episodes).", "",
+             f"{args.queries} queries per class; 95 % CI = 1.96 sd / sqrt(episodes). Learning rates chosen on "
+             f"{args.val_episodes} validation episode(s) per candidate; Reptile meta-init from "
+             f"{args.meta_episodes} episodes.", "",
              "| shots | method | episodes | accuracy | 95 % CI | lr (body, head) | s/episode (median, min) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
