@@ -20,7 +20,7 @@ import click
 from device_runtime.errors import ConfigError, KmEdgeError, NonFiniteError
 from device_runtime.text import MESSAGE_LIMIT, printable
 
-from .options import BASE, TRAIN
+from .options import BASE, META, TRAIN
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -426,6 +426,34 @@ def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, key_name, exp
     _emit(report, as_json,
           f"wrote {out_path} (v{pack_version}, {storage_dtype}): {report['pack_bytes']} bytes = "
           f"{report['percent_of_base_bytes']:.2f} % of the base; host val accuracy {report['host_val_accuracy']:.4f}")
+
+
+meta_options = [click.option("--" + name.replace("_", "-"), name, type=setting.click_type(), default=setting.default,
+                              show_default=True, help=setting.help) for name, setting in META.items()] + [
+    _flag(name, TRAIN[name]) for name in ("lr", "head_lr", "seed", "modulator", "kernel_hidden", "channel_hidden",
+                                          "activation")]
+
+
+@command(main, "meta-train")
+@click.option("--data", "data_dir", required=True, type=click.Path(),
+              help="Source ImageFolder with many classes (DIR/train/<class>/ or DIR/<class>/).")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Meta-init file to write [checkpoints/meta-init.pt].")
+@with_options(meta_options)
+def meta_train_cmd(data_dir, out_path, as_json, **overrides):
+    """Meta-learn a KM initialisation (Reptile) for few-shot tasks; use it with train --init FILE."""
+    settings = _settings()
+    meta = {name: overrides.pop(name) for name in META}
+    options = settings.train_options(None, **overrides)
+    out_path = Path(out_path) if out_path else settings.path("checkpoints") / "meta-init.pt"
+    from .meta import meta_train
+
+    report = meta_train(data_dir, _base_spec(settings, None, None, None), options, meta, out_path,
+                        progress=not as_json)
+    _emit(report, as_json,
+          f"meta-init {out_path}: Reptile, {report['episodes']} episodes {report['ways']}-way {report['shots']}-shot "
+          f"on {report['source_classes']} source classes; query accuracy after {report['inner_steps']} steps "
+          f"(last 50 episodes) {report['final_query_accuracy']:.3f}; {report['seconds_per_episode']:.3f} s/episode")
 
 
 def _next_pack_version(path: Path, pubkey: Path) -> int:

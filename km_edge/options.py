@@ -102,8 +102,20 @@ TRAIN = {
     "activation": Setting(str, "gelu", choices=ACTIVATIONS),
     "train_bn": Setting(bool, None, help="BatchNorm affine + statistics become task tensors."),
     "lora_rank": Setting(int, 2, 1, 1024),
+    "init": Setting(str, None, help="Meta-init file (km-edge meta-train) the KM modulators start from."),
 }
 TRAIN_DEFAULTS = {name: setting.default for name, setting in TRAIN.items()}
+
+# `km-edge meta-train`: the episodes and the Reptile loop (km_edge.meta). The KM spec, seed and
+# device come from TRAIN, so a meta-init always fits the modulators `train` attaches.
+META = {
+    "ways": Setting(int, 5, 2, 1000, help="Classes per episode (N-way)."),
+    "shots": Setting(int, 5, 1, 1000, help="Support images per class (K-shot)."),
+    "queries": Setting(int, 5, 1, 1000, help="Query images per class (reported accuracy after adapting)."),
+    "episodes": Setting(int, 1000, 1, 10_000_000, help="Meta-training episodes (outer steps)."),
+    "inner_steps": Setting(int, 10, 1, 10_000, help="Adaptation steps on each episode's support set."),
+    "meta_lr": Setting(float, 1.0, 1e-6, 1.0, help="Reptile outer step size, annealed linearly to 0."),
+}
 
 # [base]: which frozen network. `arch` and `weights` are checked by the model registry.
 BASE = {

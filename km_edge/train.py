@@ -206,7 +206,14 @@ def train_task(
     base = build_base(**base_spec)
     base_params, fingerprint = base.num_params(), base.fingerprint()  # before adapters are attached
     config = method_config(options)
+    init = None
+    if options.get("init"):  # a meta-init (km-edge meta-train): checked before any training
+        from .meta import apply_meta_init, load_meta_init
+
+        init = load_meta_init(options["init"], fingerprint, config)
     model = build_task_model(base, len(splits.classes), config, seed)
+    if init is not None:
+        apply_meta_init(model, init, options["init"])
     report = parameter_report(model, base_params)
     device = pick_device(options["device"])
     spec = base.preprocess
@@ -263,6 +270,7 @@ def train_task(
         "n_test": len(test),
         "labels": splits.classes,
         "device": str(device),
+        "init": options.get("init"),
         "checkpoint": str(checkpoint_path),
     }
 
