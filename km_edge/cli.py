@@ -592,8 +592,12 @@ def verify_cmd(pack_path, base_dir, pubkeys, state_path, as_json):
     report = {"pack": str(pack_path), "ok": True, "task": pack.task, "version": pack.pack_version,
               "key_id": pack.key_id, "base_id": pack.base_id, "base_checked": checked_base,
               "recorded_version": rollback.recorded(pack.task, pack.key_id)}
+    recorded = report["recorded_version"]
+    relation = ("no version recorded on this device" if recorded is None else
+                f"newer than recorded v{recorded}" if pack.pack_version > recorded else f"the recorded v{recorded}")
+    report["version_relation"] = relation
     _emit(report, as_json, f"{printable(pack_path)}: OK (task {printable(pack.task)}, v{pack.pack_version}, key {pack.key_id}"
-          + (", matches base)" if checked_base else "; base not checked: no base dir)"))
+          + (", matches base" if checked_base else "; base not checked: no base dir") + f"; {relation})")
 
 
 @command(main, "inspect")

@@ -144,7 +144,10 @@ def test_run_and_eval_exit_2_on_an_older_pack_and_verify_says_why(device, tmp_pa
     verified = device.cli("verify", old, state=state_path)
     assert verified.returncode == 2 and "older than version 2" in verified.stderr
     ok = json.loads(device.cli("verify", new, "--json", state=state_path).stdout)
-    assert ok["ok"] is True and ok["recorded_version"] == 2
+    assert ok["ok"] is True and ok["recorded_version"] == 2 and ok["version_relation"] == "the recorded v2"
+    newer = device.drop("cli-v3.kmp", device.pack_bytes("cli", 3))
+    said = device.cli("verify", newer, state=state_path)
+    assert said.returncode == 0 and "newer than recorded v2" in said.stdout
 
 
 def test_run_refuses_to_start_on_a_corrupt_state_file(device, tmp_path):
