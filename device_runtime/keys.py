@@ -17,7 +17,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import KeyFileError
+from .errors import KeyFileError, OutputError
 from .files import read_bounded, write_atomic
 
 __all__ = [
@@ -83,8 +83,11 @@ def generate_keypair(
             f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
             "pass --force to replace the key pair (packs signed with the old key stop verifying)"
         )
-    if not keys_dir.exists():
-        keys_dir.mkdir(parents=True, mode=0o700)
+    if not keys_dir.is_dir():
+        try:
+            keys_dir.mkdir(parents=True, mode=0o700)
+        except OSError as exc:  # a file in the way, no permission: the user's to fix, not a crash
+            raise OutputError(f"{keys_dir}: cannot create the keys folder ({exc.strerror or exc})") from None
 
     private_key = Ed25519PrivateKey.generate()
     private_pem = private_key.private_bytes(

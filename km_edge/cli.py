@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from device_runtime.errors import ConfigError, KmEdgeError, NonFiniteError
+from device_runtime.errors import ConfigError, KmEdgeError, NonFiniteError, OutputError
 from device_runtime.text import MESSAGE_LIMIT, printable
 
 from .options import BASE, META, TRAIN
@@ -256,7 +256,10 @@ def init_cmd(directory, arch, weights, input_size, force, as_json):
     from .options import PATH_DEFAULTS
 
     for sub in ("data", "packs", "keys"):
-        (root / PATH_DEFAULTS[sub]).mkdir(parents=True, exist_ok=True)
+        try:
+            (root / PATH_DEFAULTS[sub]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission
+            raise OutputError(f"{root / PATH_DEFAULTS[sub]}: cannot create the folder ({exc.strerror or exc})") from None
     write_atomic(config, render_config(arch, weights, input_size).encode())
     keys = root / PATH_DEFAULTS["keys"]
     private_key, public_key = key_paths(keys)

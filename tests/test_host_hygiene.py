@@ -23,6 +23,7 @@ from device_runtime.errors import OutputError
 from device_runtime.files import STALE_AFTER_S, write_atomic
 from device_runtime.text import check_task_name, printable
 
+from conftest import run_cli
 from test_cli_bad_input import TASK, files_of, project, refuse, template  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +138,13 @@ def test_printable_escapes_controls_and_cuts_long_values():
     shown = printable("t" * 100_000)
     assert len(shown) < 300 and shown.endswith("...[99800 more characters]")
     assert printable("café ✓") == "café ✓"
+
+
+@pytest.mark.parametrize("command", [("keygen", "--keys-dir", "in-the-way/keys"), ("init", "in-the-way/project")])
+def test_keygen_and_init_into_a_blocked_path_are_exit_2(tmp_path, command):
+    """A file where the keys folder (or the project) should go: one line naming it, exit 2."""
+    (tmp_path / "in-the-way").write_text("a file where a folder should be")
+    result = run_cli(*command, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in-the-way" in lines[0] and "internal error" not in lines[0]
