@@ -34,7 +34,7 @@ NUM_CLASSES = 8  # A C E H K M R X
 CHANCE = 1 / NUM_CLASSES
 # What KM must gain on letters' 120 val images, in whole images. Measured (scratch script training
 # the session's project with seeds 0, 1, 2 at 1 and 2 torch threads, pretraining included): KM
-# reached 59-70 images right (0.49-0.58) while the untrained head got 4-24 (0.03-0.20), chance 15.
+# reached 59-76 images right (0.49-0.63) while the untrained head got 4-24 (0.03-0.20), chance 15.
 # Bounds below keep 14+ images of room on the worst of those runs.
 KM_GAIN_OVER_UNTRAINED = 0.20
 KM_GAIN_OVER_CHANCE = 0.25
