@@ -34,6 +34,7 @@ from onnx import numpy_helper
 
 from .errors import BaseError
 from .files import read_bounded, write_atomic
+from .pack.records import BN_TENSORS  # the replaceable BatchNorm tensors, in ONNX input order
 from .limits import MAX_MANIFEST_BYTES, MAX_MANIFEST_ELEMENTS
 
 # A device has no base until one is copied to it: say where it comes from and how to point at it.
@@ -49,7 +50,6 @@ GRAPH_FILE = "base.onnx"
 WEIGHTS_FILE = "base.weights"
 MANIFEST_FILE = "manifest.json"
 ALIGNMENT = 64  # every tensor starts at a multiple of this, so memory-mapped views are aligned
-BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 # keys write_base computes itself; meta cannot override them
 _COMPUTED_KEYS = ("format", "format_version", "graph", "weights_file", "conv_layers",

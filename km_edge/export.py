@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from device_runtime.basefiles import write_base
+from device_runtime.basefiles import BN_TENSORS, write_base
 from device_runtime.errors import ConfigError
 
 from .adapters import conv_layers
@@ -76,8 +76,7 @@ def _graph_layers(model: onnx.ModelProto, backbone: nn.Module, base_name: str = 
             layer = node.input[1].removesuffix(".weight")
             if layer not in bns:
                 raise RuntimeError(f"exported BatchNormalization {node.input[1]!r} is not a BN of the backbone")
-            roles = ("weight", "bias", "running_mean", "running_var")
-            bn_entries.append({"name": layer, "tensors": dict(zip(roles, node.input[1:5]))})
+            bn_entries.append({"name": layer, "tensors": dict(zip(BN_TENSORS, node.input[1:5]))})
             bn_eps[layer] = float(bns[layer].eps)
     if len(conv_entries) != len(convs):
         raise RuntimeError(f"graph has {len(conv_entries)} Conv nodes, backbone has {len(convs)} convs")

@@ -12,9 +12,11 @@ import math
 from dataclasses import dataclass
 
 from device_runtime.errors import ConfigError
-from device_runtime.km import ACTIVATIONS, KINDS
+from device_runtime.km import ACTIVATIONS, KINDS, ModulatorSpec
+from device_runtime.pack.limits import MAX_HIDDEN
 
 METHODS = ("km", "head", "bn", "bias", "lora", "full")
+KM_DEFAULTS = ModulatorSpec()  # the KM defaults are the modulator spec's own (device_runtime.km)
 DEVICES = ("cpu", "cuda", "mps", "auto")
 
 
@@ -96,10 +98,12 @@ TRAIN = {
     "device": Setting(str, "auto", choices=DEVICES),
     "seed": Setting(int, 0, 0, 2**32 - 1),
     "workers": Setting(int, 0, 0, 64, help="DataLoader worker processes."),
-    "modulator": Setting(str, "auto", choices=KINDS, help="How KM cuts each kernel into vectors."),
-    "kernel_hidden": Setting(int, 8, 1, 1024, help="Hidden units of modulators on spatial kernels."),
-    "channel_hidden": Setting(int, 1, 1, 1024, help="Hidden units of modulators on 1x1 convs."),
-    "activation": Setting(str, "gelu", choices=ACTIVATIONS),
+    "modulator": Setting(str, KM_DEFAULTS.kind, choices=KINDS, help="How KM cuts each kernel into vectors."),
+    "kernel_hidden": Setting(int, KM_DEFAULTS.kernel_hidden, 1, MAX_HIDDEN,
+                             help="Hidden units of modulators on spatial kernels."),
+    "channel_hidden": Setting(int, KM_DEFAULTS.channel_hidden, 1, MAX_HIDDEN,
+                              help="Hidden units of modulators on 1x1 convs."),
+    "activation": Setting(str, KM_DEFAULTS.activation, choices=ACTIVATIONS),
     "train_bn": Setting(bool, None, help="BatchNorm affine + statistics become task tensors."),
     "lora_rank": Setting(int, 2, 1, 1024),
     "init": Setting(str, None, help="Meta-init file (km-edge meta-train) the KM modulators start from."),

@@ -50,6 +50,8 @@ __all__ = ["Layer", "BnEntry", "Pack", "METHODS", "HEAD_TENSORS", "BN_TENSORS", 
 
 METHODS = ("km", "lora", "bn", "bias", "head")
 HEAD_TENSORS = ("weight", "bias")
+# BatchNorm tensors a pack may override, in the order ONNX BatchNormalization takes them (scale, B,
+# input_mean, input_var); the base manifest and the exporter use this tuple too.
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 PREPROCESS_FIELDS = ("crop", "interpolation", "mean", "resize", "std")
 MODULATOR_FIELDS = ("activation", "channel_hidden", "kernel_hidden", "kind")
