@@ -186,7 +186,7 @@ def test_config_weights_of_another_arch(project, foreign_weights):
     """km-edge.toml says arch demo, weights a torchvision resnet18 state_dict."""
     path = foreign_weights["torchvision resnet18"]
     set_config(project, 'weights = "none"', f'weights = "{path}"')
-    refuse(project, "train", "--task", TASK, words=(path.name, "demo loads only km-edge base files"))
+    refuse(project, "train", "--task", TASK, words=(path.name, "do not fit architecture 'demo'"))
 
 
 def test_export_base_weights_flag_of_another_arch(project, foreign_weights):

@@ -281,7 +281,7 @@ def test_demo_base_refuses_resnet18_torchvision_weights(tmp_path):
 
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"demo loads only km-edge base files"):
+    with pytest.raises(CheckpointError, match=r"do not fit architecture 'demo'"):
         build_base("demo", str(path))
 
 
@@ -292,10 +292,10 @@ def test_base_files_of_another_arch_are_refused(tmp_path):
     demo_file = save_base_weights(tmp_path / "demo.pth", build_base("demo", None))
     with pytest.raises(CheckpointError, match=r"base weights are for 'demo', not 'resnet18'"):
         build_base("resnet18", str(demo_file))
-    # a plain state_dict (even of a demo net) is refused: the demo net loads only km-edge base files
+    # a plain state_dict of a narrower demo net does not fit the default demo net either
     raw = tmp_path / "demo_half_raw.pth"
     torch.save(build_base("demo", None, width=0.5).backbone.state_dict(), raw)
-    with pytest.raises(CheckpointError, match="demo loads only km-edge base files"):
+    with pytest.raises(CheckpointError, match=r"do not fit architecture 'demo'"):
         build_base("demo", str(raw))
     # while the km-edge file of that narrower net carries its width and loads
     half = save_base_weights(tmp_path / "demo_half.pth", build_base("demo", None, width=0.5))
