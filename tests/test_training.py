@@ -32,8 +32,8 @@ REPORT_KEYS = {"task", "method", "val_accuracy", "trainable_params", "head_param
 TASK = "letters"
 NUM_CLASSES = 8  # A C E H K M R X
 CHANCE = 1 / NUM_CLASSES
-# What KM must gain on letters' 120 val images, in whole images. Measured (scratch script training
-# the session's project with seeds 0, 1, 2 at 1 and 2 torch threads, pretraining included): KM
+# What KM must gain on letters' 120 val images, in whole images. Measured (training
+# the session's project with seeds 0, 1, 2 at 1 and 2 torch threads: benchmarks/km_margin.py): KM
 # reached 59-76 images right (0.49-0.63) while the untrained head got 4-24 (0.03-0.20), chance 15.
 # Bounds below keep 14+ images of room on the worst of those runs.
 KM_GAIN_OVER_UNTRAINED = 0.20
