@@ -34,6 +34,7 @@ from device_runtime.km import ModulatorSpec
 
 from .methods import DEFAULT_LR, MethodConfig, head_learning_rate, prepare_model, set_train_mode, task_state
 from .models import TaskModel
+from .train import load_torch_document
 
 META_INIT_FORMAT = "km-edge-meta-init"
 META_INIT_VERSION = 1
@@ -272,14 +273,8 @@ def load_meta_init(path: str | Path, fingerprint: str, config: MethodConfig) -> 
     """The modulator tensors of a meta-init, checked against the base (its fingerprint, taken before
     adapters are attached) and this KM spec."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no meta-init file (make one with km-edge meta-train)")
-    try:
-        document = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a km-edge meta-init ({type(exc).__name__})")
-    if not isinstance(document, dict) or document.get("format") != META_INIT_FORMAT:
-        raise CheckpointError(f"{path}: not a km-edge meta-init")
+    document = load_torch_document(path, META_INIT_FORMAT, "meta-init",
+                                   "no meta-init file (make one with km-edge meta-train)")
     if document.get("version") != META_INIT_VERSION:
         raise CheckpointError(f"{path}: meta-init version {document.get('version')!r} is not {META_INIT_VERSION}")
     if config.method != "km":

@@ -281,17 +281,23 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
     return write_atomic(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_torch_document(path: str | Path, document_format: str, what: str, missing: str) -> dict:
+    """A km-edge file written with torch.save (a checkpoint, a meta-init): loaded weights_only and
+    refused with one line unless it is a dict of ``document_format``."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no checkpoint (train the task first)")
+        raise CheckpointError(f"{path}: {missing}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        document = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a km-edge checkpoint ({type(exc).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a km-edge checkpoint")
-    return checkpoint
+        raise CheckpointError(f"{path}: not a km-edge {what} ({type(exc).__name__})")
+    if not isinstance(document, dict) or document.get("format") != document_format:
+        raise CheckpointError(f"{path}: not a km-edge {what}")
+    return document
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return load_torch_document(path, CHECKPOINT_FORMAT, "checkpoint", "no checkpoint (train the task first)")
 
 
 def restore_task_model(checkpoint: dict, base: BaseModel | None = None) -> tuple[TaskModel, BaseModel, MethodConfig]:
