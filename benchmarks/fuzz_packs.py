@@ -56,7 +56,7 @@ def seed_packs(private_key) -> dict[str, bytes]:
     from km_edge.methods import MethodConfig
     from km_edge.models import build_base
     from km_edge.pack import task_tensors
-    from km_edge.train import build_task_model
+    from km_edge.methods import build_task_model
 
     torch.manual_seed(0)
     packs = {}

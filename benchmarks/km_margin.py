@@ -25,7 +25,7 @@ def main() -> None:
     import conftest
     from km_edge.config import render_config
     from km_edge.demodata import TARGET_TASKS, write_demo_data
-    from km_edge.train import pretrain_base
+    from km_edge.pretrain import pretrain_base
 
     root = Path(tempfile.mkdtemp())
     data = root / "data"

@@ -27,7 +27,7 @@ def main() -> int:
     from km_edge.methods import MethodConfig
     from km_edge.models import build_base
     from km_edge.pack import task_tensors
-    from km_edge.train import build_task_model
+    from km_edge.methods import build_task_model
 
     rows = []
     key = Ed25519PrivateKey.generate()

@@ -52,7 +52,7 @@ def make_device(root: Path, arch: str, input_size: int) -> dict:
     from km_edge.methods import MethodConfig
     from km_edge.models import build_base
     from km_edge.pack import task_tensors
-    from km_edge.train import build_task_model
+    from km_edge.methods import build_task_model
 
     manifest = export_base(build_base(arch, input_size=input_size), root / "base")
     generate_keypair(root / "keys")

@@ -118,7 +118,9 @@ def run_one(job: dict) -> dict:
     from km_edge.data import make_loader, stratified_split
     from km_edge.methods import head_learning_rate, parameter_report, set_train_mode
     from km_edge.models import build_base
-    from km_edge.train import build_task_model, evaluate, fit, seed_everything
+    from km_edge.methods import build_task_model
+    from km_edge.torch_setup import seed_everything
+    from km_edge.train import evaluate, fit
 
     config = job["config"]
     seed_everything(job["seed"])
@@ -207,7 +209,7 @@ def pretrain_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from km_edge.train import pretrain_base
+    from km_edge.pretrain import pretrain_base
 
     base = job["base"]
     return pretrain_base(job["data"], base["arch"], job["path"], epochs=base["pretrain_epochs"],
@@ -240,7 +242,7 @@ def full_size_shares(config: dict) -> dict:
     """The default KM configuration's parameter share on full-size torchvision bases (224 px)."""
     from km_edge.methods import parameter_report
     from km_edge.models import build_base
-    from km_edge.train import build_task_model
+    from km_edge.methods import build_task_model
 
     shares = {}
     for arch in ("mobilenet_v2", "resnet18"):

@@ -161,7 +161,9 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(1)
     from km_edge.data import make_loader
     from km_edge.methods import parameter_report, set_train_mode, task_state
-    from km_edge.train import build_task_model, evaluate, fit, seed_everything
+    from km_edge.methods import build_task_model
+    from km_edge.torch_setup import seed_everything
+    from km_edge.train import evaluate, fit
 
     config, seed = job["config"], job["seed"]
     base = _base(job)
@@ -210,7 +212,8 @@ def score_chosen(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from km_edge.methods import load_task_state
-    from km_edge.train import build_task_model, evaluate
+    from km_edge.methods import build_task_model
+    from km_edge.train import evaluate
 
     sweep = job["sweep_record"]
     base = _base(job)

@@ -315,7 +315,7 @@ def demo_data_cmd(directory, seed, scale, as_json):
 @click.option("--seed", default=0, show_default=True, type=TRAIN["seed"].click_type())
 def pretrain_cmd(data_dir, arch, out_path, epochs, batch_size, lr, input_size, width, device, seed, as_json):
     """Train a base from scratch on a source ImageFolder (the offline way to get a base)."""
-    from .train import pretrain_base
+    from .pretrain import pretrain_base
 
     settings = _settings()
     arch = arch or settings.base.get("arch", "demo")
@@ -407,7 +407,7 @@ def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, key_name, exp
     from device_runtime.pack.codec import parse_time
 
     from .pack import write_task_pack
-    from .train import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     settings = _settings()
     settings.task(task)  # unknown task: refuse before anything else

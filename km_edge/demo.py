@@ -23,12 +23,13 @@ from device_runtime.keys import generate_keypair, key_paths, load_trusted_keys
 from device_runtime.preprocess import load_image, preprocess
 from device_runtime.runtime import Runtime
 
+from .checkpoint import load_checkpoint, restore_task_model
 from .config import CONFIG_FILE, TRAIN_DEFAULTS, render_config
 from .demodata import TARGET_TASKS, write_demo_data
 from .export import export_base
 from .models import build_base
 from .pack import write_task_pack
-from .train import load_checkpoint, restore_task_model, train_task
+from .train import train_task
 
 DEMO_SEED = 0
 DEMO_ARCH, DEMO_WEIGHTS = "efficientnet_lite0", "imagenet"

@@ -32,9 +32,9 @@ from device_runtime.files import write_atomic
 from device_runtime.imagefolder import list_image_folder
 from device_runtime.km import ModulatorSpec
 
+from .checkpoint import load_torch_document
 from .methods import DEFAULT_LR, MethodConfig, head_learning_rate, prepare_model, set_train_mode, task_state
 from .models import TaskModel
-from .train import load_torch_document
 
 META_INIT_FORMAT = "km-edge-meta-init"
 META_INIT_VERSION = 1
@@ -225,7 +225,8 @@ def meta_train(data_dir: str | Path, base_spec: dict, options: dict, meta: dict,
                progress: bool = True) -> dict:
     """``km-edge meta-train``: learn a KM initialisation on a source ImageFolder and write it."""
     from .models import build_base
-    from .train import build_task_model, seed_everything
+    from .methods import build_task_model
+    from .torch_setup import seed_everything
 
     if not Path(data_dir).is_dir():  # refused before the base is built
         raise DataError(f"{data_dir}: data folder does not exist")

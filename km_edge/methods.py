@@ -14,8 +14,9 @@ from torch import nn
 from device_runtime.km import ModulatorSpec
 
 from .adapters import attach_km, attach_lora
-from .models import TaskModel
+from .models import BaseModel, TaskModel
 from .options import METHODS
+
 # Methods whose task tensors fit in a pack (full fine-tuning produces a whole new model).
 PACKABLE_METHODS = ("km", "head", "bn", "bias", "lora")
 
@@ -59,6 +60,30 @@ class MethodConfig:
         data = asdict(self)
         data["modulator"] = self.modulator.to_dict()
         return data
+
+
+def method_config(options: dict) -> MethodConfig:
+    """The method config of a task's resolved options (km-edge.toml and flags, as Settings.train_options
+    gives them); BatchNorm trains with KM unless ``train_bn`` says otherwise."""
+    return MethodConfig(
+        method=options["method"],
+        modulator=ModulatorSpec(
+            kind=options["modulator"],
+            kernel_hidden=int(options["kernel_hidden"]),
+            channel_hidden=int(options["channel_hidden"]),
+            activation=options["activation"],
+        ),
+        train_bn=(options["method"] == "km") if options["train_bn"] is None else bool(options["train_bn"]),
+        lora_rank=int(options["lora_rank"]),
+    )
+
+
+def build_task_model(base: BaseModel, num_classes: int, config: MethodConfig, seed: int) -> TaskModel:
+    """The base's backbone with a new head and the method's adapters, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    model = TaskModel(base.backbone, base.feature_size, num_classes)
+    prepare_model(model, config)
+    return model
 
 
 def prepare_model(model: TaskModel, config: MethodConfig) -> None:

@@ -11,8 +11,8 @@ from device_runtime.limits import check_rebuild_budget
 from device_runtime.pack import BN_TENSORS, BnEntry, build_pack, write_pack
 
 from .adapters import adapters_of
+from .checkpoint import restore_task_model
 from .methods import PACKABLE_METHODS, batchnorms
-from .train import restore_task_model
 
 
 def task_tensors(model, config) -> dict:

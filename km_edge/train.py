@@ -1,63 +1,37 @@
 """One training loop for every method: AdamW, cosine schedule, best-by-val task tensors.
 
-``train_task`` is what ``km-edge train`` runs; ``pretrain_base`` trains a base from scratch on a
-source ImageFolder (the offline way to get a base); the transfer benchmark calls ``fit`` directly.
+``train_task`` is what ``km-edge train`` runs (it writes a checkpoint, ``km_edge.checkpoint``);
+``km-edge pretrain`` (``km_edge.pretrain``) and the transfer benchmarks call ``fit`` directly.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from device_runtime.errors import CheckpointError
-from device_runtime.files import write_atomic
-from device_runtime.km import ModulatorSpec
-
+from .checkpoint import new_checkpoint, save_checkpoint
 from .data import check_images, load_task_splits, load_test_split, make_loader
 from .methods import (
     DEFAULT_LR,
     MethodConfig,
+    build_task_model,
     head_learning_rate,
     load_task_state,
+    method_config,
     optimizer_groups,
     parameter_report,
-    prepare_model,
     set_train_mode,
     task_state,
 )
-from .models import BaseModel, TaskModel, build_base, save_base_weights
-
-CHECKPOINT_FORMAT = "km-edge-checkpoint"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from device_runtime.errors import ConfigError
-
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from .models import TaskModel, build_base
+from .torch_setup import pick_device, seed_everything
 
 
 @torch.no_grad()
@@ -165,28 +139,6 @@ def _schedule(optimizer, total_steps: int, body_delay_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [head] + [body] * (len(optimizer.param_groups) - 1))
 
 
-# --- tasks -----------------------------------------------------------------------------------
-def build_task_model(base: BaseModel, num_classes: int, config: MethodConfig, seed: int) -> TaskModel:
-    torch.manual_seed(seed)  # adapters and head initialise from the seed
-    model = TaskModel(base.backbone, base.feature_size, num_classes)
-    prepare_model(model, config)
-    return model
-
-
-def method_config(options: dict) -> MethodConfig:
-    return MethodConfig(
-        method=options["method"],
-        modulator=ModulatorSpec(
-            kind=options["modulator"],
-            kernel_hidden=int(options["kernel_hidden"]),
-            channel_hidden=int(options["channel_hidden"]),
-            activation=options["activation"],
-        ),
-        train_bn=(options["method"] == "km") if options["train_bn"] is None else bool(options["train_bn"]),
-        lora_rank=int(options["lora_rank"]),
-    )
-
-
 def train_task(
     task: str,
     data_dir: str | Path,
@@ -231,25 +183,12 @@ def train_task(
     # a test folder is touched once, after every choice (epoch, rates) was made on the val split
     test = load_test_split(data_dir, splits.classes)
     test_accuracy = evaluate(model, make_loader(test, spec, 256, False), device)[0] if test else None
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "version": 1,
-        "task": task,
-        "method": config.method,
-        "labels": splits.classes,
-        "method_config": config.to_dict(),
-        "options": {k: v for k, v in options.items() if v is not None},
-        "base": {**{k: v for k, v in base_spec.items() if v is not None}, "fingerprint": fingerprint,
-                 "input_size": base.input_size, "resize": base.resize},
-        "preprocess": spec,
-        "tensors": {k: v.cpu() for k, v in result.best_state.items()},
-        "val_accuracy": result.best_val_accuracy,
-        "val_source": splits.val_source,
-        "test_accuracy": test_accuracy,
-        "best_epoch": result.best_epoch,
-        "history": result.history,
-        "params": report,
-    }
+    checkpoint = new_checkpoint(
+        task=task, config=config, labels=splits.classes, options=options, base_spec=base_spec, base=base,
+        fingerprint=fingerprint, tensors=result.best_state, val_accuracy=result.best_val_accuracy,
+        val_source=splits.val_source, test_accuracy=test_accuracy, best_epoch=result.best_epoch,
+        history=result.history, params=report,
+    )
     save_checkpoint(checkpoint_path, checkpoint)
     return {
         "task": task,
@@ -274,86 +213,3 @@ def train_task(
         "checkpoint": str(checkpoint_path),
     }
 
-
-def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return write_atomic(path, buffer.getvalue())
-
-
-def load_torch_document(path: str | Path, document_format: str, what: str, missing: str) -> dict:
-    """A km-edge file written with torch.save (a checkpoint, a meta-init): loaded weights_only and
-    refused with one line unless it is a dict of ``document_format``."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: {missing}")
-    try:
-        document = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a km-edge {what} ({type(exc).__name__})")
-    if not isinstance(document, dict) or document.get("format") != document_format:
-        raise CheckpointError(f"{path}: not a km-edge {what}")
-    return document
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    return load_torch_document(path, CHECKPOINT_FORMAT, "checkpoint", "no checkpoint (train the task first)")
-
-
-def restore_task_model(checkpoint: dict, base: BaseModel | None = None) -> tuple[TaskModel, BaseModel, MethodConfig]:
-    """Rebuild the trained task model from a checkpoint (base rebuilt from its recorded spec)."""
-    spec = {k: checkpoint["base"].get(k) for k in ("arch", "weights", "input_size", "resize", "width")}
-    base = base or build_base(**{k: v for k, v in spec.items() if v is not None})
-    if base.fingerprint() != checkpoint["base"]["fingerprint"]:
-        raise CheckpointError("checkpoint was trained on a different base (weights differ)")
-    config = MethodConfig(**checkpoint["method_config"])
-    model = build_task_model(base, len(checkpoint["labels"]), config, 0)
-    try:
-        load_task_state(model, config, checkpoint["tensors"])
-    except KeyError as exc:
-        raise CheckpointError(str(exc))
-    model.eval()
-    return model, base, config
-
-
-# --- bases -----------------------------------------------------------------------------------
-def pretrain_base(
-    data_dir: str | Path,
-    arch: str,
-    out_path: str | Path,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    seed: int = 0,
-    device: str = "auto",
-    input_size: int | None = None,
-    width: float = 1.0,
-    max_steps: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train a base from scratch on a source ImageFolder and save its backbone."""
-    seed_everything(seed)
-    splits = load_task_splits(data_dir, seed)
-    check_images(splits.train + splits.val)
-    base = build_base(arch, None, input_size=input_size, width=width)
-    config = MethodConfig(method="full")
-    model = build_task_model(base, len(splits.classes), config, seed)
-    torch_device = pick_device(device)
-    spec = base.preprocess
-    train_loader = make_loader(splits.train, spec, batch_size, True, seed)
-    val_loader = make_loader(splits.val, spec, 256, False)
-    result = fit(model, config, train_loader, val_loader, epochs=epochs, lr=lr, head_lr=lr,
-                 weight_decay=5e-4, device=torch_device, max_steps=max_steps, progress=progress,
-                 desc=f"pretrain {arch}")
-    model.cpu()
-    save_base_weights(out_path, base, {"source": {"data": str(data_dir), "classes": splits.classes,
-                                                  "val_accuracy": result.best_val_accuracy}})
-    return {
-        "arch": arch,
-        "weights": str(out_path),
-        "source_val_accuracy": result.best_val_accuracy,
-        "base_params": base.num_params(),
-        "epochs": epochs,
-        "seconds_per_epoch": round(result.seconds_per_epoch, 3),
-        "input_size": base.input_size,
-    }

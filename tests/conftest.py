@@ -93,7 +93,7 @@ def demo_project(tmp_path_factory) -> DemoProject:
     from km_edge.demodata import TARGET_TASKS, write_demo_data
     from km_edge.export import export_base
     from km_edge.models import build_base
-    from km_edge.train import pretrain_base
+    from km_edge.pretrain import pretrain_base
 
     root = tmp_path_factory.mktemp("project")
     data = root / "data"

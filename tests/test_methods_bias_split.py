@@ -20,7 +20,8 @@ from device_runtime.pack import build_pack, read_pack
 from km_edge.methods import MethodConfig, batchnorms, optimizer_groups, task_state
 from km_edge.models import build_base, save_base_weights
 from km_edge.pack import task_tensors
-from km_edge.train import build_task_model, fit
+from km_edge.methods import build_task_model
+from km_edge.train import fit
 
 SIZE = 32
 LABELS = ["blue", "red"]

@@ -98,7 +98,7 @@ def letters_read(letters_pack, trusted):
 
 @pytest.fixture(scope="module")
 def checkpoint(letters_pack):
-    from km_edge.train import load_checkpoint
+    from km_edge.checkpoint import load_checkpoint
 
     return load_checkpoint(letters_pack.checkpoint)
 
@@ -106,7 +106,7 @@ def checkpoint(letters_pack):
 def _restore(project, checkpoint):
     """The host's parametrized torch model of a checkpoint (its base weights path is relative to
     the project folder, as `km-edge` sees it)."""
-    from km_edge.train import restore_task_model
+    from km_edge.checkpoint import restore_task_model
 
     cwd = os.getcwd()
     os.chdir(project.root)

@@ -251,7 +251,7 @@ def test_fp16_pack_is_at_most_55_percent_of_fp32_on_the_demo_base():
     from km_edge.methods import MethodConfig
     from km_edge.models import build_base
     from km_edge.pack import task_tensors
-    from km_edge.train import build_task_model
+    from km_edge.methods import build_task_model
 
     config = MethodConfig("km", train_bn=True)
     model = build_task_model(build_base("demo", None, input_size=32), 8, config, 0)

@@ -29,7 +29,8 @@ from km_edge.config import TRAIN_DEFAULTS  # noqa: E402
 from km_edge.export import export_base  # noqa: E402
 from km_edge.models import build_base, create_random_base  # noqa: E402
 from km_edge.pack import write_task_pack  # noqa: E402
-from km_edge.train import load_checkpoint, restore_task_model, save_checkpoint, train_task  # noqa: E402
+from km_edge.checkpoint import load_checkpoint, restore_task_model, save_checkpoint  # noqa: E402
+from km_edge.train import train_task  # noqa: E402
 
 SIZE = 64
 # one architecture per family; efficientnet_lite0 is timm's tf_efficientnet_lite0 (TF "same" padding)

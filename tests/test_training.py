@@ -108,7 +108,7 @@ def expected_trainable(method: str, base, train_bn: bool | None = None) -> int:
 
 
 def read_checkpoint(path: Path) -> dict:
-    from km_edge.train import load_checkpoint
+    from km_edge.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 
@@ -209,8 +209,9 @@ def test_km_checkpoint_holds_only_head_modulators_and_batchnorm(letters_pack, de
 
 @pytest.mark.slow
 def test_km_checkpoint_restores_its_val_accuracy_exactly(letters_pack, demo_project, monkeypatch):
+    from km_edge.checkpoint import load_checkpoint, restore_task_model
     from km_edge.data import load_task_splits, make_loader
-    from km_edge.train import evaluate, load_checkpoint, restore_task_model
+    from km_edge.train import evaluate
 
     monkeypatch.chdir(demo_project.root)  # the checkpoint names its base as the project's config does
     checkpoint = load_checkpoint(letters_pack.checkpoint)
@@ -235,7 +236,7 @@ def test_km_checkpoint_restores_its_val_accuracy_exactly(letters_pack, demo_proj
 
 @pytest.mark.slow
 def test_checkpoint_refuses_another_base(letters_pack):
-    from km_edge.train import load_checkpoint, restore_task_model
+    from km_edge.checkpoint import load_checkpoint, restore_task_model
 
     other = build_base("demo", None, input_size=32)
     with pytest.raises(CheckpointError, match="different base"):
@@ -310,8 +311,8 @@ def test_missing_base_file_is_refused(tmp_path):
 def test_evaluate_computes_each_modulated_kernel_once_per_pass():
     """Evaluation runs the modulators once for the whole pass (parametrize.cached), not per batch."""
     from km_edge.adapters import KernelModulator
-    from km_edge.methods import MethodConfig
-    from km_edge.train import build_task_model, evaluate
+    from km_edge.methods import MethodConfig, build_task_model
+    from km_edge.train import evaluate
 
     model = build_task_model(build_base("demo", None, input_size=32), 3, MethodConfig(method="km"), seed=0)
     modulators = [m for m in model.modules() if isinstance(m, KernelModulator)]
