@@ -117,6 +117,7 @@ def _base_spec(settings, arch, weights, input_size, width=None) -> dict:
     when a base is first built, so export-base, train and pack all see the same base.
     """
     from .config import DEFAULT_ARCH, DEFAULT_WEIGHTS
+    from .weights import NO_WEIGHTS
 
     arch = arch or settings.base.get("arch") or DEFAULT_ARCH
     if weights is None:
@@ -131,7 +132,7 @@ def _base_spec(settings, arch, weights, input_size, width=None) -> dict:
         "width": width or settings.base.get("width"),
     }
     spec = {k: v for k, v in spec.items() if v is not None}
-    if spec.get("weights") in (None, "", "none", "None"):
+    if spec.get("weights") in NO_WEIGHTS:
         spec["weights"] = str(settings.random_base(arch).resolve())  # drawn and saved on first build
     return spec
 

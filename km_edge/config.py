@@ -15,6 +15,7 @@ from device_runtime.errors import ConfigError
 from device_runtime.text import check_task_name
 
 from .options import BASE, PATH_DEFAULTS, PATHS, TASK, TRAIN, TRAIN_DEFAULTS, check_table
+from .weights import NO_WEIGHTS, is_weights_file
 
 __all__ = ["CONFIG_FILE", "TRAIN_DEFAULTS", "Settings", "load_settings", "render_config"]
 
@@ -75,11 +76,12 @@ class Settings:
         return self.root / "bases" / random_base_name(arch)
 
     def base_weights(self) -> str | None:
+        """``[base] weights``: None, a file (relative to the project's folder) or a weights name."""
         weights = self.base.get("weights")
-        if weights in (None, "", "none"):
+        if weights in NO_WEIGHTS:
             return None
         candidate = self.root / weights
-        return str(candidate) if candidate.suffix in (".pth", ".pt") or candidate.exists() else weights
+        return str(candidate) if is_weights_file(candidate) else weights
 
     def task(self, name: str) -> dict:
         """A task's settings; tasks not in the config are found under the data folder.

