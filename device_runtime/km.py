@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -84,23 +85,52 @@ def vector_length(kind: str, weight_shape) -> int:
     return kh * kw if kind == "kernel" else in_per_group
 
 
+@dataclass(frozen=True)
+class VectorLayout:
+    """How one conv weight ``(O, I/groups, kh, kw)`` is cut into the rows ``g`` maps, and put back.
+
+    ``rows = W.transpose(perm).reshape(rows_shape)`` and ``W = rows.reshape(permuted_shape)
+    .transpose(inverse)``, where ``perm is None`` means a plain reshape. Shapes and permutations only,
+    so the numpy rebuild here and the torch parametrization (km_edge.adapters) cut weights alike.
+    """
+
+    perm: tuple[int, ...] | None
+    inverse: tuple[int, ...] | None
+    rows_shape: tuple[int, int]
+    permuted_shape: tuple[int, ...]
+
+
+@lru_cache(maxsize=4096)
+def _vector_layout(kind: str, weight_shape: tuple[int, ...]) -> VectorLayout:
+    d = vector_length(kind, weight_shape)
+    rows = (int(np.prod(weight_shape, dtype=np.int64)) // d if d else 0, d)
+    if kind == "kernel":
+        return VectorLayout(None, None, rows, tuple(weight_shape))
+    permuted = tuple(weight_shape[axis] for axis in CHANNEL_PERM)
+    return VectorLayout(CHANNEL_PERM, CHANNEL_PERM_INVERSE, rows, permuted)
+
+
+def vector_layout(kind: str, weight_shape) -> VectorLayout:
+    """The layout of a resolved kind (``kernel`` or ``channel``; see :func:`resolve_kind`)."""
+    if kind not in ("kernel", "channel"):
+        raise ValueError(f"vector layout needs a resolved kind (kernel or channel), got {kind!r}")
+    return _vector_layout(kind, tuple(int(n) for n in weight_shape))
+
+
 def modulator_shapes(d: int, h: int) -> dict[str, tuple[int, ...]]:
     return {"w1": (d, h), "b1": (h,), "w2": (h, d), "b2": (d,)}
 
 
 def to_vectors(weight: np.ndarray, kind: str) -> np.ndarray:
     """Rows are the vectors ``g`` sees (a view where the layout allows)."""
-    out_ch, in_per_group, kh, kw = weight.shape
-    if kind == "kernel":
-        return weight.reshape(out_ch * in_per_group, kh * kw)
-    return weight.transpose(CHANNEL_PERM).reshape(out_ch * kh * kw, in_per_group)
+    layout = vector_layout(kind, weight.shape)
+    return (weight if layout.perm is None else weight.transpose(layout.perm)).reshape(layout.rows_shape)
 
 
 def from_vectors(vectors: np.ndarray, kind: str, weight_shape) -> np.ndarray:
-    out_ch, in_per_group, kh, kw = weight_shape
-    if kind == "kernel":
-        return vectors.reshape(weight_shape)
-    return vectors.reshape(out_ch, kh, kw, in_per_group).transpose(CHANNEL_PERM_INVERSE)
+    layout = vector_layout(kind, weight_shape)
+    vectors = vectors.reshape(layout.permuted_shape)
+    return vectors if layout.inverse is None else vectors.transpose(layout.inverse)
 
 
 def kernel_scale(weight: np.ndarray) -> float:

@@ -37,6 +37,7 @@ class KernelModulator(nn.Module):
         super().__init__()
         self.weight_shape = tuple(weight.shape)
         self.kind, d, h = spec.resolve(self.weight_shape)
+        self.layout = km_math.vector_layout(self.kind, self.weight_shape)
         self.activation = spec.activation
         self.register_buffer("scale", torch.tensor(km_math.kernel_scale(weight.detach().cpu().numpy())))
         shapes = km_math.modulator_shapes(d, h)
@@ -47,16 +48,14 @@ class KernelModulator(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(shapes["b2"]))
 
     def _to_vectors(self, weight: torch.Tensor) -> torch.Tensor:
-        out_ch, in_per_group, kh, kw = self.weight_shape
-        if self.kind == "kernel":
-            return weight.reshape(out_ch * in_per_group, kh * kw)
-        return weight.permute(km_math.CHANNEL_PERM).reshape(out_ch * kh * kw, in_per_group)
+        """``device_runtime.km.to_vectors`` in torch (the same layout record)."""
+        perm = self.layout.perm
+        return (weight if perm is None else weight.permute(perm)).reshape(self.layout.rows_shape)
 
     def _from_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        out_ch, in_per_group, kh, kw = self.weight_shape
-        if self.kind == "kernel":
-            return vectors.reshape(self.weight_shape)
-        return vectors.reshape(out_ch, kh, kw, in_per_group).permute(km_math.CHANNEL_PERM_INVERSE)
+        """``device_runtime.km.from_vectors`` in torch."""
+        vectors = vectors.reshape(self.layout.permuted_shape)
+        return vectors if self.layout.inverse is None else vectors.permute(self.layout.inverse)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         vectors = self._to_vectors(weight)

@@ -134,6 +134,26 @@ def test_modulator_spec_refuses_bad_values(bad):
         ModulatorSpec(**bad)
 
 
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (32, 1, 3, 3), (6, 4, 1, 3), (16, 8, 1, 1)])
+@pytest.mark.parametrize("kind", ["kernel", "channel"])
+def test_torch_and_numpy_cut_a_weight_into_the_same_vectors(shape, kind):
+    """The layout (which numbers form one vector of g) is one record, device_runtime.km.vector_layout;
+    the torch parametrization cuts and reassembles a kernel exactly as the device does."""
+    weight = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    spec = ModulatorSpec(kind=kind)
+    modulator = KernelModulator(torch.from_numpy(weight), spec)
+    rows = km_math.to_vectors(weight, kind)
+    assert rows.shape[1] == spec.resolve(shape)[1]  # vectors of the length g is built for
+    torch_rows = modulator._to_vectors(torch.from_numpy(weight))
+    np.testing.assert_array_equal(torch_rows.numpy(), rows)
+    if kind == "channel":  # row r holds input channels 0..I-1 of one (out, y, x) position
+        np.testing.assert_array_equal(rows[0], weight[0, :, 0, 0])
+    else:  # row r holds the kh x kw taps of one (out, in) kernel
+        np.testing.assert_array_equal(rows[0], weight[0, 0].ravel())
+    np.testing.assert_array_equal(modulator._from_vectors(torch_rows).numpy(), weight)
+    np.testing.assert_array_equal(km_math.from_vectors(rows, kind, shape), weight)
+
+
 # --- KM parity on every registry architecture --------------------------------------------------
 @pytest.mark.parametrize("arch, kind, activation", CASES)
 def test_km_torch_matches_numpy_rebuild(arch, kind, activation):
