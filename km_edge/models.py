@@ -136,35 +136,53 @@ def _efficientnet_b0(width: float):
     return model, lambda m: PooledBackbone(m.features), model.features[-1].out_channels
 
 
-class _SlimResNet(torchvision.models.ResNet):
-    """torchvision's ResNet with every stage's width scaled (for CPU-sized benchmarks)."""
+# ResNet-18 as torchvision builds it: (output channels, BasicBlocks, stride of the first block) per stage.
+RESNET18_STAGES = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
 
-    def __init__(self, width: float):
-        nn.Module.__init__(self)
-        widths = [max(8, int(round(c * width))) for c in (64, 128, 256, 512)]
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes = widths[0]
-        self.dilation = 1
-        self.groups = 1
-        self.base_width = 64
+
+def _resnet_stage(in_ch: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
+    """One stage of torchvision's public ``BasicBlock``s, with its 1x1 projection where the shape changes."""
+    from torchvision.models.resnet import BasicBlock, conv1x1
+
+    downsample = None
+    if stride != 1 or in_ch != out_ch:
+        downsample = nn.Sequential(conv1x1(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch))
+    return nn.Sequential(BasicBlock(in_ch, out_ch, stride, downsample),
+                         *(BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)))
+
+
+class SlimResNet18(nn.Module):
+    """torchvision's ResNet-18 with every stage's width scaled (for CPU-sized benchmarks).
+
+    torchvision's ``ResNet`` fixes its stage widths at 64-512, so this is its layout rebuilt from the
+    public ``BasicBlock``: the same module names, state_dict keys, initialisation and forward.
+    """
+
+    def __init__(self, width: float, num_classes: int = 1000):
+        super().__init__()
+        widths = [max(8, int(round(channels * width))) for channels, _, _ in RESNET18_STAGES]
         self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        block = torchvision.models.resnet.BasicBlock
-        self.layer1 = self._make_layer(block, widths[0], 2)
-        self.layer2 = self._make_layer(block, widths[1], 2, stride=2)
-        self.layer3 = self._make_layer(block, widths[2], 2, stride=2)
-        self.layer4 = self._make_layer(block, widths[3], 2, stride=2)
+        in_ch = widths[0]
+        for index, ((_, blocks, stride), out_ch) in enumerate(zip(RESNET18_STAGES, widths), start=1):
+            setattr(self, f"layer{index}", _resnet_stage(in_ch, out_ch, blocks, stride))
+            in_ch = out_ch
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[3], 1000)
+        self.fc = nn.Linear(widths[-1], num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
 
 def _resnet18(width: float):
-    model = torchvision.models.resnet18(weights=None) if width == 1.0 else _SlimResNet(width)
+    model = torchvision.models.resnet18(weights=None) if width == 1.0 else SlimResNet18(width)
 
     def backbone(m):
         return PooledBackbone(nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4))
