@@ -27,6 +27,12 @@ from .models import BaseModel
 OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
+# What torch.onnx.export warns on every km-edge base, all about the legacy exporter used on purpose
+# (above): (message regex, category, module regex). Only these are silenced; any other warning shows.
+EXPECTED_EXPORT_WARNINGS = (
+    (r"You are using the legacy TorchScript-based ONNX export", DeprecationWarning, ""),
+    (r"The feature will be removed\. Please remove usage of this function", DeprecationWarning, r"torch\.onnx\."),
+)
 
 
 def backbone_to_onnx(base: BaseModel) -> onnx.ModelProto:
@@ -34,7 +40,8 @@ def backbone_to_onnx(base: BaseModel) -> onnx.ModelProto:
     dummy = torch.zeros(1, 3, base.input_size, base.input_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        for message, category, module in EXPECTED_EXPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
         torch.onnx.export(
             backbone, (dummy,), buffer,
             dynamo=False,
