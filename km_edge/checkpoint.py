@@ -64,10 +64,15 @@ def new_checkpoint(
     }
 
 
-def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
+def save_torch_document(path: str | Path, document: dict) -> Path:
+    """A km-edge torch document (checkpoint, meta-init, base file) written atomically."""
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
+    torch.save(document, buffer)
     return write_atomic(path, buffer.getvalue())
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
+    return save_torch_document(path, checkpoint)
 
 
 def load_torch_document(path: str | Path, document_format: str, what: str, missing: str) -> dict:

@@ -17,7 +17,6 @@ loads its modulators in place of the zero-start ones. Packs and the device are u
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from device_runtime.errors import CheckpointError, DataError
-from device_runtime.files import write_atomic
 from device_runtime.imagefolder import list_image_folder
 from device_runtime.km import ModulatorSpec
 
-from .checkpoint import load_torch_document
-from .methods import DEFAULT_LR, MethodConfig, head_learning_rate, prepare_model, set_train_mode, task_state
+from .checkpoint import load_torch_document, save_torch_document
+from .methods import DEFAULT_LR, MethodConfig, head_learning_rate, set_train_mode, task_state
 from .models import TaskModel
 
 META_INIT_FORMAT = "km-edge-meta-init"
@@ -257,9 +255,7 @@ def meta_train(data_dir: str | Path, base_spec: dict, options: dict, meta: dict,
         "tensors": tensors,
         "record": record,
     }
-    buffer = io.BytesIO()
-    torch.save(document, buffer)
-    write_atomic(out_path, buffer.getvalue())
+    save_torch_document(out_path, document)
     moved = max((float(v.abs().max()) for k, v in tensors.items() if k.endswith((".w2", ".b2"))), default=0.0)
     return {"meta_init": str(out_path), "algorithm": "reptile", "base_fingerprint": fingerprint,
             "modulator": config.modulator.to_dict(), **{k: meta[k] for k in meta},

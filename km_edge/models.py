@@ -600,7 +600,7 @@ def _load_state(path: str, target: nn.Module, state: dict, arch: str) -> None:
 
 def save_base_weights(path: str | Path, base: BaseModel, extra: dict | None = None) -> Path:
     """A base as a file: backbone state plus what rebuilding it needs (its preprocessing included)."""
-    from device_runtime.files import write_atomic
+    from .checkpoint import save_torch_document  # the checkpoint module builds on this one
 
     payload = {
         "format": BASE_WEIGHTS_FORMAT,
@@ -612,9 +612,7 @@ def save_base_weights(path: str | Path, base: BaseModel, extra: dict | None = No
         "state_dict": {k: v.detach().cpu() for k, v in base.backbone.state_dict().items()},
         **(extra or {}),
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return write_atomic(path, buffer.getvalue())
+    return save_torch_document(path, payload)
 
 
 def create_random_base(path: str | Path, arch: str, input_size: int | None = None, width: float = 1.0,
