@@ -53,10 +53,9 @@ def seed_packs(private_key) -> dict[str, bytes]:
     import torch
 
     from device_runtime.pack import build_pack
-    from km_edge.methods import MethodConfig
+    from km_edge.methods import MethodConfig, build_task_model
     from km_edge.models import build_base
     from km_edge.pack import task_tensors
-    from km_edge.methods import build_task_model
 
     torch.manual_seed(0)
     packs = {}

@@ -24,10 +24,9 @@ def main() -> int:
 
     from device_runtime.pack import build_pack
     from km_edge.export import export_base
-    from km_edge.methods import MethodConfig
+    from km_edge.methods import MethodConfig, build_task_model
     from km_edge.models import build_base
     from km_edge.pack import task_tensors
-    from km_edge.methods import build_task_model
 
     rows = []
     key = Ed25519PrivateKey.generate()

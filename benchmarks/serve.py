@@ -49,10 +49,9 @@ def make_device(root: Path, arch: str, input_size: int) -> dict:
     from device_runtime.keys import generate_keypair, load_private_key
     from device_runtime.pack import build_pack, write_pack
     from km_edge.export import export_base
-    from km_edge.methods import MethodConfig
+    from km_edge.methods import MethodConfig, build_task_model
     from km_edge.models import build_base
     from km_edge.pack import task_tensors
-    from km_edge.methods import build_task_model
 
     manifest = export_base(build_base(arch, input_size=input_size), root / "base")
     generate_keypair(root / "keys")

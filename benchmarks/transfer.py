@@ -116,9 +116,8 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(1)
     from device_runtime.imagefolder import list_image_folder
     from km_edge.data import make_loader, stratified_split
-    from km_edge.methods import head_learning_rate, parameter_report, set_train_mode
+    from km_edge.methods import build_task_model, head_learning_rate, parameter_report, set_train_mode
     from km_edge.models import build_base
-    from km_edge.methods import build_task_model
     from km_edge.torch_setup import seed_everything
     from km_edge.train import evaluate, fit
 
@@ -240,9 +239,8 @@ def prepare(workdir: Path, cfg: dict, pool, log) -> dict:
 
 def full_size_shares(config: dict) -> dict:
     """The default KM configuration's parameter share on full-size torchvision bases (224 px)."""
-    from km_edge.methods import parameter_report
+    from km_edge.methods import build_task_model, parameter_report
     from km_edge.models import build_base
-    from km_edge.methods import build_task_model
 
     shares = {}
     for arch in ("mobilenet_v2", "resnet18"):

@@ -160,8 +160,7 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from km_edge.data import make_loader
-    from km_edge.methods import parameter_report, set_train_mode, task_state
-    from km_edge.methods import build_task_model
+    from km_edge.methods import build_task_model, parameter_report, set_train_mode, task_state
     from km_edge.torch_setup import seed_everything
     from km_edge.train import evaluate, fit
 
@@ -211,8 +210,7 @@ def score_chosen(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from km_edge.methods import load_task_state
-    from km_edge.methods import build_task_model
+    from km_edge.methods import build_task_model, load_task_state
     from km_edge.train import evaluate
 
     sweep = job["sweep_record"]
