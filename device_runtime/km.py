@@ -100,21 +100,22 @@ class VectorLayout:
     permuted_shape: tuple[int, ...]
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=4096)  # called per layer on every pack load: a lookup, not a computation
 def _vector_layout(kind: str, weight_shape: tuple[int, ...]) -> VectorLayout:
+    if kind not in ("kernel", "channel"):
+        raise ValueError(f"vector layout needs a resolved kind (kernel or channel), got {kind!r}")
+    weight_shape = tuple(int(n) for n in weight_shape)
     d = vector_length(kind, weight_shape)
     rows = (int(np.prod(weight_shape, dtype=np.int64)) // d if d else 0, d)
     if kind == "kernel":
-        return VectorLayout(None, None, rows, tuple(weight_shape))
+        return VectorLayout(None, None, rows, weight_shape)
     permuted = tuple(weight_shape[axis] for axis in CHANNEL_PERM)
     return VectorLayout(CHANNEL_PERM, CHANNEL_PERM_INVERSE, rows, permuted)
 
 
 def vector_layout(kind: str, weight_shape) -> VectorLayout:
     """The layout of a resolved kind (``kernel`` or ``channel``; see :func:`resolve_kind`)."""
-    if kind not in ("kernel", "channel"):
-        raise ValueError(f"vector layout needs a resolved kind (kernel or channel), got {kind!r}")
-    return _vector_layout(kind, tuple(int(n) for n in weight_shape))
+    return _vector_layout(kind, tuple(weight_shape))
 
 
 def modulator_shapes(d: int, h: int) -> dict[str, tuple[int, ...]]:
