@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
 
 from device_runtime.errors import CheckpointError, ConfigError, KmEdgeError
 
@@ -142,8 +143,6 @@ RESNET18_STAGES = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
 
 def _resnet_stage(in_ch: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
     """One stage of torchvision's public ``BasicBlock``s, with its 1x1 projection where the shape changes."""
-    from torchvision.models.resnet import BasicBlock, conv1x1
-
     downsample = None
     if stride != 1 or in_ch != out_ch:
         downsample = nn.Sequential(conv1x1(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch))
