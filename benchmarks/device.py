@@ -271,9 +271,9 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
         "## Pack load (CPU provider)",
         "",
-        "| base | pack | conv MiB | verify | rebuild | session | load_pack total | plain session | total / plain | "
+        "| base | pack | conv MiB | verify | rebuild | session | probe | load_pack total | plain session | total / plain | "
         "rebuild / floor | cache hit | CPU time: total / plain | CPU time: rebuild / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch, row in results["bases"].items():
         for dtype in ("fp32", "fp16"):
@@ -282,7 +282,7 @@ def write_markdown(path: Path, results: dict) -> None:
             lines.append(
                 f"| {arch} | {dtype} | {b['conv_bytes'] / 2**20:.1f} | {fmt(load['verify']['median'])} | "
                 f"{fmt(load['rebuild']['median'])} ({fmt(load['rebuild']['min'])}) | {fmt(load['session']['median'])} | "
-                f"{fmt(load['total']['median'])} ({fmt(load['total']['min'])}) | "
+                f"{fmt(load.get('probe', {}).get('median'))} | {fmt(load['total']['median'])} ({fmt(load['total']['min'])}) | "
                 f"{fmt(b['plain_session_ms']['median'])} ({fmt(b['plain_session_ms']['min'])}) | "
                 f"**{fmt(b['load_over_plain']['median'], 2)}×** ({fmt(b['load_over_plain']['min'], 2)}×) | "
                 f"**{fmt(b['rebuild_over_floor']['median'], 1)}×** ({fmt(b['rebuild_over_floor']['min'], 1)}×) | "
@@ -292,7 +292,8 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
         "Times in ms (wall clock). *floor*: a numpy read + write of the same conv bytes (fresh arrays), "
         "measured between the loads. *plain session*: `onnxruntime.InferenceSession` on the same base graph "
-        "with the same options and no pack. *CPU time* columns: the same ratios in process CPU time, "
+        "with the same options and no pack. *probe*: the new pack's scores on one mid-grey image, checked finite "
+        "before the pack is activated (one batch-1 inference; part of load_pack). *CPU time* columns: the same ratios in process CPU time, "
         "which other jobs on a shared machine disturb far less than wall time.",
         "",
         "## Inference with a pack vs the plain base (fp32 pack, paired alternating runs)",
