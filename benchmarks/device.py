@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1, help="core to pin children to")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=12, help="paired inference runs per batch size")
+    parser.add_argument("--runs", type=int, default=30, help="paired inference runs per batch size")
     parser.add_argument("--no-ort-side", action="store_true", help="skip the ORT-side rebuild experiment")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite device.md from device.json")
