@@ -228,6 +228,49 @@ def child_ort_side(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
             "infer_batch1_ms": {k: statistics.median(v) for k, v in infer.items()}}
 
 
+def child_rebuild_cost(base: str, pubkey: str, pack_path: str, repeats: int) -> dict:
+    """Where the rebuild time goes: the fp32 pack's rebuild with each activation in its place
+    (same layers, kinds and hidden sizes) against the memory floor, and the multiply-adds per conv
+    weight the modulators need. A rebuild far above the floor with relu as well is bound by the
+    modulators' small matmuls, not by memory traffic."""
+    import dataclasses
+
+    import numpy as np
+
+    from device_runtime import km
+    from device_runtime.pack import read_pack, read_pack_file
+
+    runtime = _runtime(base, pubkey, 1)
+    pack = read_pack(read_pack_file(pack_path), runtime.trusted_keys)
+    kernels = runtime.base.conv_kernels()
+    layers = [layer for layer in pack.layers if layer.adapter == "km"]
+    buffer = np.empty(km.rebuild_size(kernels, layers), dtype=np.float32)
+    weights = sum(int(np.prod(kernels[layer.name].shape)) for layer in layers)
+    macs = 0
+    for layer in layers:
+        d, h = layer.tensors["w1"].shape
+        rows = int(np.prod(kernels[layer.name].shape)) // d
+        macs += rows * ((d + 1) * (h + 1) + (h + 1) * d + d)  # [v,1]@[w1;b1], [a,1]@[w2;b2+1], v*g
+    timings = {}
+    for activation in ("gelu", "relu", "tanh", "silu"):
+        variant = [dataclasses.replace(layer, activation=activation) for layer in layers]
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            km.rebuild_kernels(kernels, variant, 1, buffer)
+            runs.append((time.perf_counter() - start) * 1000.0)
+        timings[activation] = {"median": statistics.median(runs), "min": min(runs)}
+    floor = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copies = [np.array(kernels[layer.name], copy=True) for layer in layers]
+        floor.append((time.perf_counter() - start) * 1000.0)
+        del copies
+    return {"floor_ms": {"median": statistics.median(floor), "min": min(floor)},
+            "rebuild_ms": timings, "macs_per_weight": round(macs / max(1, weights), 1),
+            "activation": layers[0].activation if layers else None}
+
+
 # --- the parent ---------------------------------------------------------------------------------
 def _pinned(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
@@ -271,9 +314,9 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
         "## Pack load (CPU provider)",
         "",
-        "| base | pack | conv MiB | verify | rebuild | session | load_pack total | plain session | total / plain | "
+        "| base | pack | conv MiB | verify | rebuild | session | probe | load_pack total | plain session | total / plain | "
         "rebuild / floor | cache hit | CPU time: total / plain | CPU time: rebuild / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch, row in results["bases"].items():
         for dtype in ("fp32", "fp16"):
@@ -282,7 +325,7 @@ def write_markdown(path: Path, results: dict) -> None:
             lines.append(
                 f"| {arch} | {dtype} | {b['conv_bytes'] / 2**20:.1f} | {fmt(load['verify']['median'])} | "
                 f"{fmt(load['rebuild']['median'])} ({fmt(load['rebuild']['min'])}) | {fmt(load['session']['median'])} | "
-                f"{fmt(load['total']['median'])} ({fmt(load['total']['min'])}) | "
+                f"{fmt(load.get('probe', {}).get('median'))} | {fmt(load['total']['median'])} ({fmt(load['total']['min'])}) | "
                 f"{fmt(b['plain_session_ms']['median'])} ({fmt(b['plain_session_ms']['min'])}) | "
                 f"**{fmt(b['load_over_plain']['median'], 2)}×** ({fmt(b['load_over_plain']['min'], 2)}×) | "
                 f"**{fmt(b['rebuild_over_floor']['median'], 1)}×** ({fmt(b['rebuild_over_floor']['min'], 1)}×) | "
@@ -292,7 +335,8 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
         "Times in ms (wall clock). *floor*: a numpy read + write of the same conv bytes (fresh arrays), "
         "measured between the loads. *plain session*: `onnxruntime.InferenceSession` on the same base graph "
-        "with the same options and no pack. *CPU time* columns: the same ratios in process CPU time, "
+        "with the same options and no pack. *probe*: the new pack's scores on one mid-grey image, checked finite "
+        "before the pack is activated (one batch-1 inference; part of load_pack). *CPU time* columns: the same ratios in process CPU time, "
         "which other jobs on a shared machine disturb far less than wall time.",
         "",
         "## Inference with a pack vs the plain base (fp32 pack, paired alternating runs)",
@@ -327,6 +371,31 @@ def write_markdown(path: Path, results: dict) -> None:
             f"| {arch} | {row['conv_mib']:.1f} | {r['rss_mib_after_first']} | {r['rss_mib_after_cache_full']} | "
             f"{r['rss_mib_after_all']} | **{r['growth_after_full']:.3f}** | {r['per_cached_pack_mib']} MiB | "
             f"{r['per_cached_pack_over_conv_bytes']}× |")
+    if any("rebuild_cost" in row for row in results["bases"].values()):
+        lines += [
+            "",
+            "## Where the rebuild time goes (fp32 pack, each activation in place of GELU)",
+            "",
+            "| base | MACs per conv weight | floor | gelu (default) | relu | tanh | silu | gelu / floor | relu / floor |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for arch, row in results["bases"].items():
+            r = row.get("rebuild_cost")
+            if not r:
+                continue
+            f, t = r["floor_ms"]["median"], r["rebuild_ms"]
+            lines.append(
+                f"| {arch} | {r['macs_per_weight']} | {fmt(f, 2)} | "
+                + " | ".join(fmt(t[a]["median"], 2) for a in ("gelu", "relu", "tanh", "silu"))
+                + f" | **{fmt(t['gelu']['median'] / f, 1)}×** | **{fmt(t['relu']['median'] / f, 1)}×** |")
+        lines += [
+            "",
+            "Medians in ms of `km.rebuild_kernels` (one thread, warm buffer) over the pack's layers; *floor*: a "
+            "numpy read + write of the same conv bytes. *MACs per conv weight*: multiply-adds of the modulators "
+            "(both augmented matmuls and the final product) per weight rebuilt: a 3x3 kernel modulator with 8 "
+            "hidden units costs about 18, a 1x1 channel modulator with 1 hidden unit about 6, against one read "
+            "and one write for the floor.",
+        ]
     if any("ort_side" in row for row in results["bases"].values()):
         lines += [
             "",
@@ -382,7 +451,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1, help="core to pin children to")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=12, help="paired inference runs per batch size")
+    parser.add_argument("--runs", type=int, default=30, help="paired inference runs per batch size")
     parser.add_argument("--no-ort-side", action="store_true", help="skip the ORT-side rebuild experiment")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite device.md from device.json")
@@ -395,6 +464,8 @@ def main(argv=None) -> int:
             print(json.dumps(child_rotation(rest[0], rest[1], rest[2:])))
         elif kind == "ort-side":
             print(json.dumps(child_ort_side(rest[0], rest[1], rest[2], int(rest[3]))))
+        elif kind == "rebuild-cost":
+            print(json.dumps(child_rebuild_cost(rest[0], rest[1], rest[2], int(rest[3]))))
         return 0
 
     if args.markdown_only:
@@ -437,6 +508,8 @@ def main(argv=None) -> int:
         if not args.no_ort_side:
             print(f"[{arch}] ORT-side rebuild", flush=True)
             row["ort_side"] = _child(args.cpu, "ort-side", info["base"], pubkey, info["fp32"], args.repeats)
+        print(f"[{arch}] rebuild cost by activation", flush=True)
+        row["rebuild_cost"] = _child(args.cpu, "rebuild-cost", info["base"], pubkey, info["fp32"], args.repeats)
         row["load_end"] = list(os.getloadavg())
         results["bases"][arch] = row
         b = row["bench"]["fp32"]

@@ -84,7 +84,7 @@ def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats:
     conv_bytes = sum(kernels[name].nbytes for name in adapted)
     plain_session()
 
-    parts: dict[str, list[float]] = {k: [] for k in ("verify", "rebuild", "session", "total")}
+    parts: dict[str, list[float]] = {k: [] for k in ("verify", "rebuild", "session", "probe", "total")}
     plain, floor, cache_hit = [], [], []
     # CPU time (process_time) of the same steps: on a shared machine it is what the work costs,
     # whatever other processes do to wall time
@@ -111,7 +111,7 @@ def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats:
         loaded = runtime.load_pack(pack_path)
         parts["total"].append(_ms(start))
         cpu["total"].append(_cpu_ms(cpu_start))
-        for key in ("verify", "rebuild", "session"):
+        for key in ("verify", "rebuild", "session", "probe"):
             parts[key].append(loaded.timings_ms.get(key, 0.0))
         start = time.perf_counter()
         runtime.load_pack(pack_path)

@@ -21,6 +21,7 @@ packs of that baseline can run on the device too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -380,7 +381,7 @@ def _rebuild_one(weight: np.ndarray, layer: dict, out: np.ndarray | None) -> np.
 def rebuild_size(base_kernels: dict[str, np.ndarray], layers: list) -> int:
     """Float32 elements :func:`rebuild_kernels` writes for ``layers`` (the size of its buffer)."""
     layers = [_layer_fields(layer) for layer in layers]
-    return sum(int(np.prod(np.shape(base_kernels[layer["name"]]), dtype=np.int64))
+    return sum(math.prod(np.shape(base_kernels[layer["name"]]))
                for layer in layers if layer["name"] in base_kernels)
 
 
@@ -417,7 +418,7 @@ def rebuild_kernels(
         if layer["adapter"] not in ("km", "lora"):
             raise ShapeMismatchError(f"layer {name!r} has unknown adapter {layer['adapter']!r}")
         shapes.append(tuple(np.shape(base_kernels[name])))
-    sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
+    sizes = [math.prod(shape) for shape in shapes]
     if buffer is None:
         arena = np.empty(sum(sizes), dtype=np.float32)
     elif buffer.dtype != np.float32 or buffer.ndim != 1 or buffer.size < sum(sizes):

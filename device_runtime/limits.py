@@ -114,7 +114,9 @@ def check_input_size(name: str, spec: Mapping, input_hw: tuple[int | None, int |
 def check_finite_kernels(name: str, kernels: Mapping[str, np.ndarray]) -> None:
     """Every rebuilt kernel finite (a finite pack can still overflow float32 in the rebuild)."""
     for layer, kernel in kernels.items():
-        if not np.isfinite(kernel).all():
+        # one pass, no boolean temporary: a NaN or infinity anywhere makes the sum non-finite (so
+        # does a sum beyond float32's range, which no usable kernel comes near)
+        if not np.isfinite(np.add.reduce(kernel, axis=None)):
             raise NonFiniteError(
                 f"{name}: the rebuilt kernel of layer {layer!r} is not finite "
                 "(the pack's numbers overflow float32)"

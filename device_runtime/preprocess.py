@@ -14,6 +14,8 @@ resample, not a 64,000,000 x 32 one). Every Pillow mode becomes 8-bit RGB by one
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -215,6 +217,24 @@ def preprocess_batch(images: Iterable[Image.Image], spec: Mapping) -> np.ndarray
 
 
 def neutral_batch(spec: Mapping) -> np.ndarray:
-    """One mid-grey image, preprocessed as ``spec`` says: the probe a new pack must score finitely."""
+    """One mid-grey image, preprocessed as ``spec`` says: the probe a new pack must score finitely.
+
+    Read-only and cached per spec: every pack load runs the probe, and its resize is not free.
+    """
+    try:
+        key = json.dumps(dict(spec), sort_keys=True)
+    except (TypeError, ValueError):  # not a plain spec: let _spec_values say what is wrong
+        return _neutral_batch(spec)
+    return _cached_neutral_batch(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_neutral_batch(key: str) -> np.ndarray:
+    return _neutral_batch(json.loads(key))
+
+
+def _neutral_batch(spec: Mapping) -> np.ndarray:
     crop = _spec_values(spec)[1]
-    return preprocess(Image.new("RGB", (crop, crop), (128, 128, 128)), spec)[None]
+    batch = preprocess(Image.new("RGB", (crop, crop), (128, 128, 128)), spec)[None]
+    batch.flags.writeable = False
+    return batch

@@ -232,7 +232,7 @@ class Runtime:
             self._check_version(path, pack)
             self._cache.move_to_end(digest)
             cached.path = path
-            cached.timings_ms.update(timings, rebuild=0.0, session=0.0)
+            cached.timings_ms.update(timings, rebuild=0.0, session=0.0, probe=0.0)
             cached.timings_ms.pop("preprocess", None)
             cached.timings_ms.pop("infer", None)
             return self._activate(cached)
@@ -248,12 +248,12 @@ class Runtime:
         return self._activate(loaded)
 
     def _build(self, path: Path, pack, digest: str, timings: dict):
-        """Rebuild the pack's kernels and create its session (timings: rebuild, session); the
+        """Rebuild the pack's kernels and create its session (timings: rebuild, session, probe); the
         kernels and the scores on a probe image are checked finite before anything is kept."""
         # overflow in a hostile pack's rebuild is refused just below, not warned about
         with _Stopwatch(timings, "rebuild"), np.errstate(all="ignore"):
             kernels = self.rebuild_kernels(pack)
-        limits.check_finite_kernels(path.name, kernels)
+            limits.check_finite_kernels(path.name, kernels)
         overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
         for layer in pack.bn:
             for tensor_name, array in layer.tensors.items():
@@ -261,7 +261,8 @@ class Runtime:
         with _Stopwatch(timings, "session"):
             backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads,
                                    provider=self._provider_for(pack, digest))
-        self._check_scores(path, pack, backend)
+        with _Stopwatch(timings, "probe"):
+            self._check_scores(path, pack, backend)
         return backend
 
     def rebuild_kernels(self, pack) -> dict[str, np.ndarray]:

@@ -560,7 +560,7 @@ def bench_cmd(pack_path, base_dir, pubkeys, batch, repeats, runs, threads, provi
         f"{report['task']} on {report['arch']} [{report['provider']}, threads {threads or 'default'}], "
         f"medians (min) of {report['repeats']} in ms",
         *(f"  {key:<10} {load[key]['median']:9.2f} ({load[key]['min']:.2f})"
-          for key in ("verify", "rebuild", "session", "total", "cache_hit")),
+          for key in ("verify", "rebuild", "session", "probe", "total", "cache_hit")),
         f"  plain base session {plain['median']:.2f} ({plain['min']:.2f}); load / plain "
         f"{report['load_over_plain']['median']:.2f}x",
         f"  rebuild / memory floor ({report['rebuild_floor_ms']['median']:.2f} ms for "

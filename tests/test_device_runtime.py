@@ -478,7 +478,7 @@ def test_runtime_runs_a_pack_like_the_reference(base_dir, trusted, signing_key, 
     ort_runtime, reference_runtime = Runtime(base_dir, trusted), Runtime(base_dir, trusted, "reference")
     loaded = ort_runtime.load_pack(path)
     reference_runtime.load_pack(path)
-    assert set(loaded.timings_ms) == {"verify", "rebuild", "session"}
+    assert set(loaded.timings_ms) == {"verify", "rebuild", "session", "probe"}
     assert all(t >= 0 for t in loaded.timings_ms.values())
     features = ort_runtime.features(images)
     np.testing.assert_allclose(features, reference_runtime.features(images), atol=1e-5)
