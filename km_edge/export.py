@@ -10,6 +10,7 @@ graph inputs so onnxruntime treats them as constants and can fuse Conv+BN itself
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from .models import BaseModel
 OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
+log = logging.getLogger(__name__)
 
 
 def backbone_to_onnx(base: BaseModel) -> onnx.ModelProto:
@@ -87,6 +89,8 @@ def export_base(base: BaseModel, out_dir: str | Path) -> dict:
     """Write base.onnx, base.weights and manifest.json; returns the manifest (with base_id)."""
     model = backbone_to_onnx(base)
     conv_entries, bn_entries, bn_eps = _graph_layers(model, base.backbone, base.arch)
+    log.debug("%s traced to ONNX (opset %d): %d convs, %d BatchNorms", base.arch, OPSET, len(conv_entries),
+              len(bn_entries))
     meta = {
         "arch": base.arch,
         # a local weights file by its name only: the base's identity (base_id) must not depend on the

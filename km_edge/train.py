@@ -7,6 +7,7 @@ source ImageFolder (the offline way to get a base); the transfer benchmark calls
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
 import time
@@ -38,6 +39,7 @@ from .methods import (
 from .models import BaseModel, TaskModel, build_base, save_base_weights
 
 CHECKPOINT_FORMAT = "km-edge-checkpoint"
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -139,6 +141,8 @@ def fit(
             {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "train_accuracy": correct / max(seen, 1),
              "val_loss": val_loss, "val_accuracy": val_accuracy}
         )
+        log.debug("%s: epoch %d/%d train loss %.4f accuracy %.4f, val loss %.4f accuracy %.4f", desc, epoch + 1,
+                  epochs, *(best.history[-1][k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")))
         if val_accuracy > best.best_val_accuracy:
             best.best_val_accuracy, best.best_epoch = val_accuracy, epoch + 1
             best.best_state = task_state(model, config)
@@ -222,6 +226,9 @@ def train_task(
     untrained_accuracy, _ = evaluate(model.to(device), val_loader, device)
     lr = float(options["lr"] or DEFAULT_LR[config.method])
     head_lr = float(options["head_lr"] or head_learning_rate(config.method, lr))
+    log.info("training %s [%s] on %s: %d train / %d val images, %d classes, %s epochs on %s; untrained val "
+             "accuracy %.4f", task, config.method, base_spec["arch"], len(splits.train), len(splits.val),
+             len(splits.classes), options["epochs"], device, untrained_accuracy)
     result = fit(
         model, config, train_loader, val_loader,
         epochs=int(options["epochs"]), lr=lr, head_lr=head_lr,
@@ -342,6 +349,8 @@ def pretrain_base(
     spec = base.preprocess
     train_loader = make_loader(splits.train, spec, batch_size, True, seed)
     val_loader = make_loader(splits.val, spec, 256, False)
+    log.info("pretraining %s: %d train / %d val images, %d classes, %d epochs on %s", arch, len(splits.train),
+             len(splits.val), len(splits.classes), epochs, torch_device)
     result = fit(model, config, train_loader, val_loader, epochs=epochs, lr=lr, head_lr=lr,
                  weight_decay=5e-4, device=torch_device, max_steps=max_steps, progress=progress,
                  desc=f"pretrain {arch}")
