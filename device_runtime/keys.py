@@ -109,18 +109,28 @@ MISSING_PUBLIC_KEY = ("key file not found: copy the host's public key (keys/sign
                       "--pubkey (or KM_EDGE_PUBKEY) at it")
 
 
-def _read_key_file(path: Path, missing: str) -> bytes:
-    return read_bounded(path, MAX_KEY_FILE_BYTES, KeyFileError, "key file", missing=missing)
+# The other half of the pair where this one was expected: refused, never used or derived from.
+WRONG_HALF = {
+    "private": (b"PUBLIC KEY-----", f"is a public key; signing needs the private key ({PRIVATE_KEY_NAME})"),
+    # copying a private key onto a device is the mistake to catch
+    "public": (b"PRIVATE KEY-----", f"is a private key; devices trust the public key ({PUBLIC_KEY_NAME})"),
+}
+
+
+def _read_key_file(path: Path, half: str) -> bytes:
+    """The bytes of a key file meant to hold the ``half`` ("private" or "public") of a pair."""
+    missing = MISSING_PRIVATE_KEY if half == "private" else MISSING_PUBLIC_KEY
+    data = read_bounded(path, MAX_KEY_FILE_BYTES, KeyFileError, "key file", missing=missing)
+    marker, wrong_half = WRONG_HALF[half]
+    if marker in data:
+        raise KeyFileError(f"{path}: {wrong_half}")
+    return data
 
 
 def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     """The Ed25519 signing key in an unencrypted PEM (PKCS8) file."""
     path = Path(path)
-    data = _read_key_file(path, MISSING_PRIVATE_KEY)
-    if b"PUBLIC KEY-----" in data:
-        raise KeyFileError(
-            f"{path}: is a public key; signing needs the private key ({PRIVATE_KEY_NAME})"
-        )
+    data = _read_key_file(path, "private")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:  # cryptography's way of saying "encrypted, and no password given"
@@ -137,12 +147,7 @@ def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
 def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
     """The Ed25519 public key in a PEM (SubjectPublicKeyInfo) file."""
     path = Path(path)
-    data = _read_key_file(path, MISSING_PUBLIC_KEY)
-    if b"PRIVATE KEY-----" in data:
-        # Refused rather than derived: copying a private key onto a device is the mistake to catch.
-        raise KeyFileError(
-            f"{path}: is a private key; devices trust the public key ({PUBLIC_KEY_NAME})"
-        )
+    data = _read_key_file(path, "public")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):
