@@ -163,9 +163,14 @@ def main(verbose: bool, quiet: bool) -> None:
 
 # --- helpers shared by commands ------------------------------------------------------------------
 def _settings():
-    from .config import load_settings
+    """km-edge.toml of the working directory, read once per command (kept on click's context)."""
+    from .config import CONFIG_FILE, load_settings
 
-    return load_settings(".")
+    meta = click.get_current_context().meta
+    if "km_edge.settings" not in meta:
+        meta["km_edge.settings"] = settings = load_settings(".")
+        log.debug("settings: %s", Path(CONFIG_FILE).resolve() if settings.found else f"no {CONFIG_FILE}, defaults")
+    return meta["km_edge.settings"]
 
 
 def _base_spec(settings, arch, weights, input_size, width=None) -> dict:

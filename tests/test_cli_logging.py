@@ -105,3 +105,11 @@ def test_verbose_and_quiet_together_are_a_usage_error(tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("km-edge: error:") and "--quiet" in result.stderr
     assert not (tmp_path / "proj").exists()
+
+
+def test_a_device_command_reads_km_edge_toml_once(project):
+    """verify finds the base and the trusted keys through km-edge.toml: read once, not per lookup."""
+    result = run_cli("-v", "verify", "packs/absent.kmp", cwd=project)
+    assert result.returncode == 2 and "absent.kmp: no such file" in result.stderr
+    reads = [line for line in result.stderr.splitlines() if line.startswith("km-edge: debug: km_edge.cli: settings:")]
+    assert reads == [f"km-edge: debug: km_edge.cli: settings: {(project / 'km-edge.toml').resolve()}"]
