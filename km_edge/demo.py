@@ -42,24 +42,24 @@ BATCH_SIZE = 32
 DEMO_KM_OPTIONS = {"train_bn": False}
 BASELINE = "head"  # the comparison column: a linear head on the frozen ImageNet features, same steps
 
-TABLE_COLUMNS = [  # key, header, format
-    ("task", "task", "{}"),
-    ("host_val_accuracy", "host acc", "{:.3f}"),
-    ("device_accuracy", "device acc", "{:.3f}"),
-    ("head_only_accuracy", "head-only acc", "{:.3f}"),
-    ("max_logit_diff", "max logit diff", "{:.1e}"),
-    ("pack_bytes", "pack bytes", "{:,}"),
-    ("percent_of_base_bytes", "% of base", "{:.2f}"),
-    ("rebuild_ms", "rebuild ms", "{:.1f}"),
-    ("session_ms", "session ms", "{:.1f}"),
-    ("infer_ms", "infer ms/img", "{:.2f}"),
-]
+TABLE_COLUMNS = {  # row key: (header, format)
+    "task": ("task", "{}"),
+    "host_val_accuracy": ("host acc", "{:.3f}"),
+    "device_accuracy": ("device acc", "{:.3f}"),
+    "head_only_accuracy": ("head-only acc", "{:.3f}"),
+    "max_logit_diff": ("max logit diff", "{:.1e}"),
+    "pack_bytes": ("pack bytes", "{:,}"),
+    "percent_of_base_bytes": ("% of base", "{:.2f}"),
+    "rebuild_ms": ("rebuild ms", "{:.1f}"),
+    "session_ms": ("session ms", "{:.1f}"),
+    "infer_ms": ("infer ms/img", "{:.2f}"),
+}
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |"
+    header = "| " + " | ".join(h for h, _ in TABLE_COLUMNS.values()) + " |"
     rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt.format(row[k]) for k, _, fmt in TABLE_COLUMNS) + " |" for row in rows]
+    body = ["| " + " | ".join(fmt.format(row[k]) for k, (_, fmt) in TABLE_COLUMNS.items()) + " |" for row in rows]
     return "\n".join([header, rule, *body])
 
 
