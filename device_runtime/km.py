@@ -21,7 +21,6 @@ packs of that baseline can run on the device too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 

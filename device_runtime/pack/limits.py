@@ -11,8 +11,8 @@ from __future__ import annotations
 # Facts a pack shares with the rest of the device, owned there and listed here with the others: the
 # task-name rule (text.py, also the host's rule for --task) and the preprocessing bounds
 # (device_runtime/limits.py, also a base manifest's).
-from ..limits import INTERPOLATIONS, MAX_SIDE, MEAN_RANGE, STD_RANGE
-from ..text import TASK_NAME_MAX, TASK_NAME_PATTERN
+from ..limits import INTERPOLATIONS, MAX_SIDE, MEAN_RANGE, STD_RANGE  # noqa: F401 (re-exported)
+from ..text import TASK_NAME_MAX, TASK_NAME_PATTERN  # noqa: F401 (re-exported)
 
 MAGIC = "km-edge-pack"
 FORMAT_VERSION = 2
