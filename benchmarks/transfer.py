@@ -278,24 +278,10 @@ def summarise(runs: list[dict]) -> dict:
             "pack_bytes": items[0]["pack_bytes"],
             "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in items),
         })
-    per_config: dict = {}
-    for row in rows:
-        per_config.setdefault((row["base"], row["config"]), []).append(row)
-    averages = []
-    for (base, config_id), items in sorted(per_config.items()):
-        averages.append({
-            "base": base, "config": config_id, "method": items[0]["method"],
-            "mean_accuracy": statistics.mean(r["mean_accuracy"] for r in items),
-            "percent_of_base": statistics.mean(r["percent_of_base"] for r in items),
-            "targets": len(items),
-        })
+    averages = config_averages(rows)
     fronts, verdicts = {}, {}
     for base in sorted({a["base"] for a in averages}):
-        points = [a for a in averages if a["base"] == base]
-        peft = [a for a in points if a["method"] != "full"]
-        fronts[base] = [a["config"] for a in pareto_front(peft)]
-        default = next((a for a in points if a["config"] == DEFAULT_KM_ID), None)
-        full = next((a for a in points if a["config"] == "full"), None)
+        peft, fronts[base], default, full = base_points(averages, base, DEFAULT_KM_ID)
         others = [a for a in peft if a["method"] != "km" and a["percent_of_base"] <= (default or {}).get("percent_of_base", 0)]
         best_other = max(others, key=lambda a: a["mean_accuracy"], default=None)
         if default:
@@ -308,6 +294,28 @@ def summarise(runs: list[dict]) -> dict:
                 "gap_to_full_points": 100 * (full["mean_accuracy"] - default["mean_accuracy"]) if full else None,
             }
     return {"rows": rows, "averages": averages, "pareto_front": fronts, "default_km": verdicts}
+
+
+def config_averages(rows: list[dict]) -> list[dict]:
+    """Per (base, config): accuracy and % of base averaged over the targets."""
+    per_config: dict = {}
+    for row in rows:
+        per_config.setdefault((row["base"], row["config"]), []).append(row)
+    return [{
+        "base": base, "config": config_id, "method": items[0]["method"],
+        "mean_accuracy": statistics.mean(r["mean_accuracy"] for r in items),
+        "percent_of_base": statistics.mean(r["percent_of_base"] for r in items), "targets": len(items),
+    } for (base, config_id), items in sorted(per_config.items())]
+
+
+def base_points(averages: list[dict], base: str, default_id: str):
+    """One base's parameter-efficient points, their Pareto front (config ids), the default KM point
+    and full fine-tuning's (None where not measured)."""
+    points = [a for a in averages if a["base"] == base]
+    peft = [a for a in points if a["method"] != "full"]
+    default = next((a for a in points if a["config"] == default_id), None)
+    full = next((a for a in points if a["config"] == "full"), None)
+    return peft, [a["config"] for a in pareto_front(peft)], default, full
 
 
 def pareto_front(points: list[dict]) -> list[dict]:

@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from transfer import (  # noqa: E402
     _eval_loader,
+    base_points,
+    config_averages,
     final_runs,
     pack_bytes,
-    pareto_front,
     ratio_text,
     training_memory_bytes,
     verdict_sentence,
@@ -365,21 +366,10 @@ def summarise(runs: list[dict], default_id: str) -> dict:
             "best_epochs": [r["best_epoch"] for r in items], "epochs": items[0]["epochs"],
             "mean_curve": [round(statistics.mean(c[i] for c in curves), 4) for i in range(min(map(len, curves)))],
         })
-    per_config: dict = {}
-    for row in rows:
-        per_config.setdefault((row["base"], row["config"]), []).append(row)
-    averages = [{
-        "base": base, "config": config_id, "method": items[0]["method"],
-        "mean_accuracy": statistics.mean(r["mean_accuracy"] for r in items),
-        "percent_of_base": statistics.mean(r["percent_of_base"] for r in items), "targets": len(items),
-    } for (base, config_id), items in sorted(per_config.items())]
+    averages = config_averages(rows)
     fronts, verdicts = {}, {}
     for base in sorted({a["base"] for a in averages}):
-        points = [a for a in averages if a["base"] == base]
-        peft = [a for a in points if a["method"] != "full"]
-        fronts[base] = [a["config"] for a in pareto_front(peft)]
-        default = next((a for a in points if a["config"] == default_id), None)
-        full = next((a for a in points if a["config"] == "full"), None)
+        peft, fronts[base], default, full = base_points(averages, base, default_id)
         if default is None:
             continue
         others = [a for a in peft if a["config"] != default_id and a["percent_of_base"] <= default["percent_of_base"]]

@@ -112,6 +112,14 @@ def export(out_dir, seed: int = 0) -> dict:
     return write_base(out_dir, model, conv_layers, bn_layers, META)
 
 
+def device_folder(root: Path) -> tuple[Base, Ed25519PrivateKey]:
+    """The tiny base in ``root/base`` and a signing pair in ``root/keys``, where device commands look
+    by default; returns the opened base and the private key (to sign packs for it)."""
+    export(root / "base")
+    keys.generate_keypair(root / "keys")
+    return Base.open(root / "base"), keys.load_private_key(root / "keys" / keys.PRIVATE_KEY_NAME)
+
+
 @pytest.fixture(scope="module")
 def params():
     return tiny_model()[3]
