@@ -40,37 +40,20 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache" / "packages"
 
 # --- sources: what the fetch step downloads (Makefile target bench-data reads this list) -------------
-SOURCES = {
-    "emoji-datasource-google": {
-        "registry": "npm", "version": "16.0.0", "file": "emoji-datasource-google-16.0.0.tgz",
-        "license": "Apache-2.0 (Noto Emoji images; package code MIT)",
-    },
-    "emoji-datasource-twitter": {
-        "registry": "npm", "version": "16.0.0", "file": "emoji-datasource-twitter-16.0.0.tgz",
-        "license": "CC-BY-4.0 (Twemoji graphics, (c) Twitter and contributors; package code MIT)",
-    },
-    "faenza-icon-theme": {
-        "registry": "debian", "version": "1.3.1-3", "file": "faenza-icon-theme_1.3.1-3_all.deb",
-        "license": "GPL-3+",
-    },
-    "oxygen-icon-theme": {
-        "registry": "debian", "version": "5:5.103.0-1", "file": "oxygen-icon-theme_5%3a5.103.0-1_all.deb",
-        "license": "LGPL-3+",
-    },
-    "elementary-xfce-icon-theme": {
-        "registry": "debian", "version": "0.17-1", "file": "elementary-xfce-icon-theme_0.17-1_all.deb",
-        "license": "GPL-2+ (a few files CC-BY-SA-2.0 / LGPL-2+)",
-    },
-    "tango-icon-theme": {
-        "registry": "debian", "version": "0.8.90-11", "file": "tango-icon-theme_0.8.90-11_all.deb",
-        "license": "public domain",
-    },
-    "scikit-image": {
-        "registry": "pypi", "version": "installed", "file": None,
-        "license": "package BSD-3-Clause; lfw_subset: crops of Labeled Faces in the Wild (research data set, "
-                   "no explicit license)",
-    },
-}
+SOURCES = {name: {"registry": registry, "version": version, "file": file, "license": license_}
+           for name, registry, version, file, license_ in [  # name, registry, version, file, license
+    ("emoji-datasource-google", "npm", "16.0.0", "emoji-datasource-google-16.0.0.tgz",
+     "Apache-2.0 (Noto Emoji images; package code MIT)"),
+    ("emoji-datasource-twitter", "npm", "16.0.0", "emoji-datasource-twitter-16.0.0.tgz",
+     "CC-BY-4.0 (Twemoji graphics, (c) Twitter and contributors; package code MIT)"),
+    ("faenza-icon-theme", "debian", "1.3.1-3", "faenza-icon-theme_1.3.1-3_all.deb", "GPL-3+"),
+    ("oxygen-icon-theme", "debian", "5:5.103.0-1", "oxygen-icon-theme_5%3a5.103.0-1_all.deb", "LGPL-3+"),
+    ("elementary-xfce-icon-theme", "debian", "0.17-1", "elementary-xfce-icon-theme_0.17-1_all.deb",
+     "GPL-2+ (a few files CC-BY-SA-2.0 / LGPL-2+)"),
+    ("tango-icon-theme", "debian", "0.8.90-11", "tango-icon-theme_0.8.90-11_all.deb", "public domain"),
+    ("scikit-image", "pypi", "installed", None,
+     "package BSD-3-Clause; lfw_subset: crops of Labeled Faces in the Wild (research data set, no explicit license)"),
+]}
 ICON_CONTEXTS = ("actions", "apps", "categories", "devices", "mimetypes", "places", "status")
 ICON_CONTEXT_ALIASES = {"mimes": "mimetypes"}
 EMOJI_CATEGORIES = ("Activities", "Animals & Nature", "Food & Drink", "Objects", "People & Body",

@@ -257,13 +257,18 @@ def full_size_shares(config: dict) -> dict:
 
 
 # --- aggregation, table, plot -------------------------------------------------------------------
-def summarise(runs: list[dict]) -> dict:
+def final_runs(runs: list[dict]) -> list[tuple[tuple[str, str, str], list[dict]]]:
+    """The final runs (every seed at the chosen rate) grouped by (base, target, config), sorted."""
     by_key: dict = {}
     for run in runs:
         if run["phase"] == "final":
             by_key.setdefault((run["base_name"], run["target"], run["config_id"]), []).append(run)
+    return sorted(by_key.items())
+
+
+def summarise(runs: list[dict]) -> dict:
     rows = []
-    for (base, target, config_id), items in sorted(by_key.items()):
+    for (base, target, config_id), items in final_runs(runs):
         accs = [r["val_accuracy"] for r in items]
         rows.append({
             "base": base, "target": target, "config": config_id, "method": items[0]["method"],
@@ -273,24 +278,10 @@ def summarise(runs: list[dict]) -> dict:
             "pack_bytes": items[0]["pack_bytes"],
             "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in items),
         })
-    per_config: dict = {}
-    for row in rows:
-        per_config.setdefault((row["base"], row["config"]), []).append(row)
-    averages = []
-    for (base, config_id), items in sorted(per_config.items()):
-        averages.append({
-            "base": base, "config": config_id, "method": items[0]["method"],
-            "mean_accuracy": statistics.mean(r["mean_accuracy"] for r in items),
-            "percent_of_base": statistics.mean(r["percent_of_base"] for r in items),
-            "targets": len(items),
-        })
+    averages = config_averages(rows)
     fronts, verdicts = {}, {}
     for base in sorted({a["base"] for a in averages}):
-        points = [a for a in averages if a["base"] == base]
-        peft = [a for a in points if a["method"] != "full"]
-        fronts[base] = [a["config"] for a in pareto_front(peft)]
-        default = next((a for a in points if a["config"] == DEFAULT_KM_ID), None)
-        full = next((a for a in points if a["config"] == "full"), None)
+        peft, fronts[base], default, full = base_points(averages, base, DEFAULT_KM_ID)
         others = [a for a in peft if a["method"] != "km" and a["percent_of_base"] <= (default or {}).get("percent_of_base", 0)]
         best_other = max(others, key=lambda a: a["mean_accuracy"], default=None)
         if default:
@@ -303,6 +294,28 @@ def summarise(runs: list[dict]) -> dict:
                 "gap_to_full_points": 100 * (full["mean_accuracy"] - default["mean_accuracy"]) if full else None,
             }
     return {"rows": rows, "averages": averages, "pareto_front": fronts, "default_km": verdicts}
+
+
+def config_averages(rows: list[dict]) -> list[dict]:
+    """Per (base, config): accuracy and % of base averaged over the targets."""
+    per_config: dict = {}
+    for row in rows:
+        per_config.setdefault((row["base"], row["config"]), []).append(row)
+    return [{
+        "base": base, "config": config_id, "method": items[0]["method"],
+        "mean_accuracy": statistics.mean(r["mean_accuracy"] for r in items),
+        "percent_of_base": statistics.mean(r["percent_of_base"] for r in items), "targets": len(items),
+    } for (base, config_id), items in sorted(per_config.items())]
+
+
+def base_points(averages: list[dict], base: str, default_id: str):
+    """One base's parameter-efficient points, their Pareto front (config ids), the default KM point
+    and full fine-tuning's (None where not measured)."""
+    points = [a for a in averages if a["base"] == base]
+    peft = [a for a in points if a["method"] != "full"]
+    default = next((a for a in points if a["config"] == default_id), None)
+    full = next((a for a in points if a["config"] == "full"), None)
+    return peft, [a["config"] for a in pareto_front(peft)], default, full
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
@@ -370,12 +383,12 @@ def write_markdown(path: Path, summary: dict, costs: dict, cfg: dict, shares: di
             name = f"**{config_id}**" if config_id == DEFAULT_KM_ID else config_id
             lines.append(
                 f"| {name}{mark} | {first['percent_of_base']:.3f} | {first['pack_bytes']:,} | " + " | ".join(cells)
-                + f" | {100 * average[config_id]['mean_accuracy']:.1f} | {_ratio(cost.get('step_time_vs_full'))} | "
-                f"{_ratio(cost.get('peak_memory_vs_full'))} |"
+                + f" | {100 * average[config_id]['mean_accuracy']:.1f} | {ratio_text(cost.get('step_time_vs_full'))} | "
+                f"{ratio_text(cost.get('peak_memory_vs_full'))} |"
             )
         verdict = summary["default_km"].get(base)
         if verdict:
-            lines += ["", _verdict_sentence(base, verdict)]
+            lines += ["", verdict_sentence(DEFAULT_KM_ID, verdict, "mean accuracy")]
         lines.append("")
     lines += ["◆ = on the Pareto front of the parameter-efficient methods (accuracy vs % base).", ""]
     if shares:
@@ -389,53 +402,68 @@ def write_markdown(path: Path, summary: dict, costs: dict, cfg: dict, shares: di
     path.write_text("\n".join(lines))
 
 
-def _ratio(value) -> str:
+def ratio_text(value) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
-def _verdict_sentence(base: str, v: dict) -> str:
-    text = (f"Default KM ({DEFAULT_KM_ID}, {v['default_km_percent']:.2f} % of base): "
-            f"{100 * v['default_km_accuracy']:.1f} % mean accuracy")
+def verdict_sentence(default_id: str, v: dict, accuracy: str) -> str:
+    """The default KM configuration against the others on one base (``v``: summarise's verdict);
+    ``accuracy`` says which accuracy the numbers are (transfer_real.py reports test accuracy)."""
+    text = (f"Default KM ({default_id}, {v['default_km_percent']:.2f} % of base): "
+            f"{100 * v['default_km_accuracy']:.1f} % {accuracy}")
+    if "targets_where_default_km_below_head" in v:
+        text += f"; below head-only on: {', '.join(v['targets_where_default_km_below_head']) or 'none'}"
     if v["best_other_peft_within_budget"]:
-        text += (f"; best other parameter-efficient method at no more parameters: "
+        text += (f"; best other parameter-efficient configuration at no more parameters: "
                  f"{v['best_other_peft_within_budget']} {100 * v['best_other_peft_accuracy']:.1f} %")
-    text += "; on or above the front: " + ("yes" if v["default_km_on_or_above_front"] else "no")
+    if "default_km_on_or_above_front" in v:
+        text += "; on or above the front: " + ("yes" if v["default_km_on_or_above_front"] else "no")
     if v["gap_to_full_points"] is not None:
-        text += f"; gap to full fine-tuning: {v['gap_to_full_points']:+.1f} points (positive = full is better)."
-    return text
+        text += f"; gap to full fine-tuning: {v['gap_to_full_points']:+.1f} points (positive = full is better)"
+    return text + "."
 
 
-def write_plot(path: Path, summary: dict) -> None:
+METHOD_COLOURS = {"head": "tab:gray", "bn": "tab:olive", "bias": "tab:green", "lora": "tab:blue", "km": "tab:red",
+                  "full": "black"}
+
+
+def write_plot(path: Path, summary: dict, default_id: str = DEFAULT_KM_ID, *,
+               ylabel: str = "val accuracy, mean over targets (%)", title: str = "", annotate: bool = False) -> None:
+    """Accuracy against % of base per base, the parameter-efficient Pareto front dashed, the default
+    KM configuration a star (``annotate`` names every point)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     bases = sorted({a["base"] for a in summary["averages"]})
-    fig, axes = plt.subplots(1, len(bases), figsize=(5.5 * len(bases), 4.5), squeeze=False)
-    colours = {"head": "tab:gray", "bn": "tab:olive", "lora": "tab:blue", "km": "tab:red", "full": "black"}
+    fig, axes = plt.subplots(1, max(len(bases), 1), figsize=(6.5 * max(len(bases), 1), 5), squeeze=False)
     for ax, base in zip(axes[0], bases):
         points = [a for a in summary["averages"] if a["base"] == base]
         for p in points:
             x = max(p["percent_of_base"], 1e-3)
-            size = 90 if p["config"] == DEFAULT_KM_ID else 30
-            marker = "*" if p["config"] == DEFAULT_KM_ID else ("s" if p["method"] == "full" else "o")
-            ax.scatter(x, 100 * p["mean_accuracy"], c=colours[p["method"]], s=size, marker=marker,
-                       alpha=0.9 if p["method"] == "km" else 0.6, edgecolors="none")
+            special = p["config"] == default_id
+            ax.scatter(x, 100 * p["mean_accuracy"], c=METHOD_COLOURS[p["method"]], s=100 if special else 32,
+                       marker="*" if special else ("s" if p["method"] == "full" else "o"), alpha=0.8,
+                       edgecolors="none")
+            if annotate:
+                ax.annotate(p["config"], (x, 100 * p["mean_accuracy"]), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
         front = sorted((p for p in points if p["config"] in summary["pareto_front"].get(base, [])),
                        key=lambda p: p["percent_of_base"])
         ax.plot([max(p["percent_of_base"], 1e-3) for p in front], [100 * p["mean_accuracy"] for p in front],
-                "--", c="tab:purple", lw=1, label="Pareto front (PEFT)")
+                "--", c="tab:purple", lw=1)
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters, % of base (head excluded; head-only at 1e-3)")
-        ax.set_ylabel("val accuracy, mean over targets (%)")
-        ax.set_title(base)
+        ax.set_xlabel("trainable parameters, % of base (head excluded; head-only drawn at 1e-3)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{base}{title}")
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], ls="", marker="o", c=c, label=m) for m, c in colours.items()]
-    handles.append(plt.Line2D([], [], ls="", marker="*", c="tab:red", markersize=10, label="default KM"))
-    handles.append(plt.Line2D([], [], ls="--", c="tab:purple", label="Pareto front (PEFT)"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    methods = {a["method"] for a in summary["averages"]}
+    handles = [plt.Line2D([], [], ls="", marker="o", c=c, label=m) for m, c in METHOD_COLOURS.items() if m in methods]
+    handles += [plt.Line2D([], [], ls="", marker="*", c="tab:red", markersize=10, label="default KM"),
+                plt.Line2D([], [], ls="--", c="tab:purple", label="Pareto front (PEFT)")]
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
 
 

@@ -36,7 +36,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from transfer import _eval_loader, pack_bytes, pareto_front, training_memory_bytes  # noqa: E402
+from transfer import (  # noqa: E402
+    _eval_loader,
+    base_points,
+    config_averages,
+    final_runs,
+    pack_bytes,
+    ratio_text,
+    training_memory_bytes,
+    verdict_sentence,
+    write_plot,
+)
 
 # --- what is measured ---------------------------------------------------------------------------
 REAL_BASES = [
@@ -342,12 +352,8 @@ def schedule(cfg: dict, grid: list[dict], data_root: Path, states: Path, jsonl: 
 
 # --- aggregation, table, plot -------------------------------------------------------------------
 def summarise(runs: list[dict], default_id: str) -> dict:
-    by_key: dict = {}
-    for run in runs:
-        if run["phase"] == "final":
-            by_key.setdefault((run["base_name"], run["target"], run["config_id"]), []).append(run)
     rows = []
-    for (base, target, config_id), items in sorted(by_key.items()):
+    for (base, target, config_id), items in final_runs(runs):
         accs = [r["test_accuracy"] for r in items]
         curves = [r["curve"] for r in items]
         rows.append({
@@ -361,21 +367,10 @@ def summarise(runs: list[dict], default_id: str) -> dict:
             "best_epochs": [r["best_epoch"] for r in items], "epochs": items[0]["epochs"],
             "mean_curve": [round(statistics.mean(c[i] for c in curves), 4) for i in range(min(map(len, curves)))],
         })
-    per_config: dict = {}
-    for row in rows:
-        per_config.setdefault((row["base"], row["config"]), []).append(row)
-    averages = [{
-        "base": base, "config": config_id, "method": items[0]["method"],
-        "mean_accuracy": statistics.mean(r["mean_accuracy"] for r in items),
-        "percent_of_base": statistics.mean(r["percent_of_base"] for r in items), "targets": len(items),
-    } for (base, config_id), items in sorted(per_config.items())]
+    averages = config_averages(rows)
     fronts, verdicts = {}, {}
     for base in sorted({a["base"] for a in averages}):
-        points = [a for a in averages if a["base"] == base]
-        peft = [a for a in points if a["method"] != "full"]
-        fronts[base] = [a["config"] for a in pareto_front(peft)]
-        default = next((a for a in points if a["config"] == default_id), None)
-        full = next((a for a in points if a["config"] == "full"), None)
+        peft, fronts[base], default, full = base_points(averages, base, default_id)
         if default is None:
             continue
         others = [a for a in peft if a["config"] != default_id and a["percent_of_base"] <= default["percent_of_base"]]
@@ -482,11 +477,11 @@ def write_markdown(path: Path, summary: dict, costs: dict, cfg: dict, meta: dict
             mean_text = f"{100 * mean['mean_accuracy']:.1f}" + ("" if mean["targets"] == len(targets) else
                                                                f" ({mean['targets']} targets)")
             lines.append(f"| {name}{mark} | {first['percent_of_base']:.3f} | {first['pack_bytes']:,} | "
-                         + " | ".join(cells) + f" | {mean_text} | {_ratio(cost.get('step_time_vs_full'))} | "
-                         f"{_ratio(cost.get('peak_memory_vs_full'))} |")
+                         + " | ".join(cells) + f" | {mean_text} | {ratio_text(cost.get('step_time_vs_full'))} | "
+                         f"{ratio_text(cost.get('peak_memory_vs_full'))} |")
         verdict = summary["default_km"].get(base)
         if verdict:
-            lines += ["", _verdict(meta["default_km"], verdict)]
+            lines += ["", verdict_sentence(meta["default_km"], verdict, "mean test accuracy")]
         lines += ["", "Chosen rates (body / head) and holdout curves (mean holdout accuracy after each epoch, "
                       "chosen runs; the kept epoch is the best one):", "",
                   "| config | target | lr / head lr | holdout curve | kept epochs | CPU s/step |", "|---|---|---|---|---|---:|"]
@@ -498,57 +493,6 @@ def write_markdown(path: Path, summary: dict, costs: dict, cfg: dict, meta: dict
         lines.append("")
     lines += ["◆ = on the Pareto front of the parameter-efficient methods (mean test accuracy vs % base).", ""]
     path.write_text("\n".join(lines))
-
-
-def _ratio(value) -> str:
-    return "–" if value is None else f"{value:.2f}×"
-
-
-def _verdict(default_id: str, v: dict) -> str:
-    text = (f"Default KM ({default_id}, {v['default_km_percent']:.2f} % of base): {100 * v['default_km_accuracy']:.1f} % "
-            f"mean test accuracy; below head-only on: {', '.join(v['targets_where_default_km_below_head']) or 'none'}")
-    if v["best_other_peft_within_budget"]:
-        text += (f"; best other parameter-efficient configuration at no more parameters: "
-                 f"{v['best_other_peft_within_budget']} {100 * v['best_other_peft_accuracy']:.1f} %")
-    if v["gap_to_full_points"] is not None:
-        text += f"; gap to full fine-tuning: {v['gap_to_full_points']:+.1f} points (positive = full is better)"
-    return text + "."
-
-
-def write_plot(path: Path, summary: dict, default_id: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bases = sorted({a["base"] for a in summary["averages"]})
-    fig, axes = plt.subplots(1, max(len(bases), 1), figsize=(7 * max(len(bases), 1), 5), squeeze=False)
-    colours = {"head": "tab:gray", "bn": "tab:olive", "bias": "tab:green", "lora": "tab:blue", "km": "tab:red",
-               "full": "black"}
-    for ax, base in zip(axes[0], bases):
-        points = [a for a in summary["averages"] if a["base"] == base]
-        for p in points:
-            x = max(p["percent_of_base"], 1e-3)
-            special = p["config"] == default_id
-            ax.scatter(x, 100 * p["mean_accuracy"], c=colours[p["method"]], s=110 if special else 35,
-                       marker="*" if special else ("s" if p["method"] == "full" else "o"), alpha=0.8)
-            ax.annotate(p["config"], (x, 100 * p["mean_accuracy"]), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
-        front = sorted((p for p in points if p["config"] in summary["pareto_front"].get(base, [])),
-                       key=lambda p: p["percent_of_base"])
-        ax.plot([max(p["percent_of_base"], 1e-3) for p in front], [100 * p["mean_accuracy"] for p in front],
-                "--", c="tab:purple", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters, % of base (head excluded; head-only drawn at 1e-3)")
-        ax.set_ylabel("test accuracy, mean over targets and seeds (%)")
-        ax.set_title(f"{base}{title}")
-        ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], ls="", marker="o", c=c, label=m) for m, c in colours.items()]
-    handles += [plt.Line2D([], [], ls="", marker="*", c="tab:red", markersize=10, label="default KM"),
-                plt.Line2D([], [], ls="--", c="tab:purple", label="Pareto front (PEFT)")]
-    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=110)
 
 
 # --- runtime plan --------------------------------------------------------------------------------
@@ -668,7 +612,8 @@ def main(argv=None) -> int:
     (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
     label = " (PILOT)" if args.pilot else " (quick smoke run)" if args.quick else ""
     write_markdown(out / f"{name}.md", summary, costs, cfg, meta, datasets, label)
-    write_plot(out / f"{name}.png", summary, args.default_km, label)
+    write_plot(out / f"{name}.png", summary, args.default_km, title=label,
+               ylabel="test accuracy, mean over targets and seeds (%)", annotate=True)
     log(f"wrote {out / name}.json, .md, .png ({len(runs)} runs) in {minutes:.1f} min")
     return 0
 

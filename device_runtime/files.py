@@ -33,22 +33,31 @@ _CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
 
 
 def read_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str,
-                 missing: str | None = None) -> bytes:
+                 missing: str | None = None, label: str | None = None) -> bytes:
     """The bytes of ``path`` if it holds at most ``limit`` of them; otherwise, and for a missing,
-    unreadable or directory path, ``error`` with one line naming the file (``missing`` replaces
-    the "WHAT not found" wording, e.g. to say which command makes the file)."""
+    unreadable or directory path, ``error`` with one line naming the file as ``label`` (the path by
+    default). ``missing`` replaces the "WHAT not found" wording, e.g. to say which command makes the
+    file. A file whose size says it is too large is refused unread."""
+    label = label or str(path)
+    too_large = f"{label}: larger than {_amount(limit)}, not a {what}"
     try:
         with open(path, "rb") as handle:
-            data = handle.read(limit + 1)  # one byte past the limit tells "too large" apart
+            if os.fstat(handle.fileno()).st_size > limit:
+                raise error(too_large)
+            data = handle.read(limit + 1)  # one byte past the limit: an endless special file is refused
     except FileNotFoundError:
-        raise error(f"{path}: {missing or what + ' not found'}") from None
+        raise error(f"{label}: {missing or what + ' not found'}") from None
     except IsADirectoryError:
-        raise error(f"{path}: is a directory, not a {what}") from None
+        raise error(f"{label}: is a directory, not a {what}") from None
     except OSError as exc:
-        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+        raise error(f"{label}: cannot read {what} ({' '.join(str(exc.strerror or exc).split())})") from None
     if len(data) > limit:
-        raise error(f"{path}: larger than {limit:,} bytes, not a {what}")
+        raise error(too_large)
     return data
+
+
+def _amount(n_bytes: int) -> str:
+    return f"{n_bytes // 2**20} MiB" if n_bytes >= 2**20 and n_bytes % 2**20 == 0 else f"{n_bytes:,} bytes"
 
 
 def _temp_prefix(path: Path) -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -109,47 +110,59 @@ MISSING_PUBLIC_KEY = ("key file not found: copy the host's public key (keys/sign
                       "--pubkey (or KM_EDGE_PUBKEY) at it")
 
 
-def _read_key_file(path: Path, missing: str) -> bytes:
-    return read_bounded(path, MAX_KEY_FILE_BYTES, KeyFileError, "key file", missing=missing)
+@dataclass(frozen=True)
+class _KeyHalf:
+    """What reading one half of a key pair expects, and what it says when the file is not that."""
+
+    missing: str      # the way out when the file is not there, on the machine that misses it
+    other_half: bytes  # the PEM marker of the other half: refused, never used or derived from
+    is_other_half: str
+    parse: Callable[[bytes], object]
+    key_type: type
+    other_algorithm: str
+
+
+_HALVES = {
+    "private": _KeyHalf(
+        MISSING_PRIVATE_KEY, b"PUBLIC KEY-----",
+        f"is a public key; signing needs the private key ({PRIVATE_KEY_NAME})",
+        lambda data: serialization.load_pem_private_key(data, password=None),
+        Ed25519PrivateKey, "km-edge signs with Ed25519"),
+    # copying a private key onto a device is the mistake to catch
+    "public": _KeyHalf(
+        MISSING_PUBLIC_KEY, b"PRIVATE KEY-----",
+        f"is a private key; devices trust the public key ({PUBLIC_KEY_NAME})",
+        serialization.load_pem_public_key, Ed25519PublicKey, "km-edge packs use Ed25519"),
+}
+
+
+def _load_key(path: str | os.PathLike, half: str):
+    """The Ed25519 ``half`` ("private" or "public") of a pair from its PEM file, or one KeyFileError line."""
+    path, expected = Path(path), _HALVES[half]
+    data = read_bounded(path, MAX_KEY_FILE_BYTES, KeyFileError, "key file", missing=expected.missing)
+    if expected.other_half in data:
+        raise KeyFileError(f"{path}: {expected.is_other_half}")
+    try:
+        key = expected.parse(data)
+    except TypeError:  # for a private key, cryptography's way of saying "encrypted, and no password given"
+        if half == "private":
+            raise KeyFileError(f"{path}: private key is encrypted; km-edge needs an unencrypted key") from None
+        raise KeyFileError(f"{path}: not a PEM {half} key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError(f"{path}: not a PEM {half} key") from None
+    if not isinstance(key, expected.key_type):
+        raise KeyFileError(f"{path}: is a {type(key).__name__} key; {expected.other_algorithm}")
+    return key
 
 
 def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     """The Ed25519 signing key in an unencrypted PEM (PKCS8) file."""
-    path = Path(path)
-    data = _read_key_file(path, MISSING_PRIVATE_KEY)
-    if b"PUBLIC KEY-----" in data:
-        raise KeyFileError(
-            f"{path}: is a public key; signing needs the private key ({PRIVATE_KEY_NAME})"
-        )
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:  # cryptography's way of saying "encrypted, and no password given"
-        raise KeyFileError(
-            f"{path}: private key is encrypted; km-edge needs an unencrypted key"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise KeyFileError(f"{path}: not a PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path}: is a {type(key).__name__} key; km-edge signs with Ed25519")
-    return key
+    return _load_key(path, "private")
 
 
 def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
     """The Ed25519 public key in a PEM (SubjectPublicKeyInfo) file."""
-    path = Path(path)
-    data = _read_key_file(path, MISSING_PUBLIC_KEY)
-    if b"PRIVATE KEY-----" in data:
-        # Refused rather than derived: copying a private key onto a device is the mistake to catch.
-        raise KeyFileError(
-            f"{path}: is a private key; devices trust the public key ({PUBLIC_KEY_NAME})"
-        )
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise KeyFileError(f"{path}: not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path}: is a {type(key).__name__} key; km-edge packs use Ed25519")
-    return key
+    return _load_key(path, "public")
 
 
 def load_trusted_keys(

@@ -22,13 +22,16 @@ packs of that baseline can run on the device too.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ShapeMismatchError
+
+if TYPE_CHECKING:  # the record imports this module (pack -> km), never the other way at run time
+    from .pack.records import Layer
 
 KINDS = ("kernel", "channel", "auto")
 ACTIVATIONS = ("relu", "silu", "tanh", "gelu")
@@ -317,27 +320,27 @@ def lora_update(weight: np.ndarray, tensors: dict[str, np.ndarray], scale: float
 SMALL_LAYER = 32 * 1024
 
 
-def _group_key(weight: np.ndarray, layer: dict):
+def _group_key(weight: np.ndarray, layer: Layer):
     """(d, h, activation) for a small KM layer laid out as rows of its output, else None."""
-    if layer["adapter"] != "km" or weight.size > SMALL_LAYER:
+    if layer.adapter != "km" or weight.size > SMALL_LAYER:
         return None
-    kind = resolve_kind(layer["kind"], weight.shape)
+    kind = resolve_kind(layer.kind, weight.shape)
     if kind == "channel" and weight.shape[2] * weight.shape[3] != 1:
         return None
-    w1_shape = np.shape(layer["tensors"]["w1"])
+    w1_shape = np.shape(layer.tensors["w1"])
     if len(w1_shape) != 2:
         return None
-    return vector_length(kind, weight.shape), int(w1_shape[1]), layer["activation"]
+    return vector_length(kind, weight.shape), int(w1_shape[1]), layer.activation
 
 
 def _modulate_group(jobs: list) -> None:
     """:func:`modulate_fast` for several small layers with the same (d, h, activation), batched:
     rows are padded to the longest layer and every step is one batched numpy call."""
-    checked = [(_modulator_arrays(w.shape, layer["tensors"], layer["kind"]), w, layer, out)
+    checked = [(_modulator_arrays(w.shape, layer.tensors, layer.kind), w, layer, out)
                for w, layer, out in jobs]
     (kind0, w1_0, *_), _, layer0, _ = checked[0]
     d, h = w1_0.shape
-    activation = layer0["activation"]
+    activation = layer0.activation
     count = len(checked)
     rows = [to_vectors(w, kind) for (kind, *_), w, _, _ in checked]
     longest = max(r.shape[0] for r in rows)
@@ -345,7 +348,7 @@ def _modulate_group(jobs: list) -> None:
     for i, r in enumerate(rows):
         vectors[i, :r.shape[0]] = r
     first = np.zeros((count, d + 1, h + 1), dtype=np.float32)  # [[w1 / s, 0], [b1, 0]] per layer
-    inverse_scales = np.array([1.0 / float(layer["scale"]) for _, _, layer, _ in checked],
+    inverse_scales = np.array([1.0 / float(layer.scale) for _, _, layer, _ in checked],
                               dtype=np.float32)
     np.multiply(np.stack([a[1] for a, _, _, _ in checked]), inverse_scales[:, None, None],
                 out=first[:, :d, :h])
@@ -365,58 +368,45 @@ def _modulate_group(jobs: list) -> None:
         out.reshape(r.shape)[...] = row_block[:r.shape[0]]
 
 
-def _rebuild_one(weight: np.ndarray, layer: dict, out: np.ndarray | None) -> np.ndarray:
-    if layer["adapter"] == "km":
-        return modulate_fast(weight, layer["tensors"], layer["kind"], layer["activation"],
-                             layer["scale"], out=out)
-    if layer["adapter"] == "lora":
-        updated = lora_update(weight, layer["tensors"], layer["scale"])
+def _rebuild_one(weight: np.ndarray, layer: Layer, out: np.ndarray | None) -> np.ndarray:
+    if layer.adapter == "km":
+        return modulate_fast(weight, layer.tensors, layer.kind, layer.activation,
+                             layer.scale, out=out)
+    if layer.adapter == "lora":
+        updated = lora_update(weight, layer.tensors, layer.scale)
         if out is None:
             return updated
         out[...] = updated
         return out
-    raise ShapeMismatchError(f"layer {layer['name']!r} has unknown adapter {layer['adapter']!r}")
+    raise ShapeMismatchError(f"layer {layer.name!r} has unknown adapter {layer.adapter!r}")
 
 
-def rebuild_size(base_kernels: dict[str, np.ndarray], layers: list) -> int:
+def rebuild_size(base_kernels: dict[str, np.ndarray], layers: list[Layer]) -> int:
     """Float32 elements :func:`rebuild_kernels` writes for ``layers`` (the size of its buffer)."""
-    layers = [_layer_fields(layer) for layer in layers]
-    return sum(math.prod(np.shape(base_kernels[layer["name"]]))
-               for layer in layers if layer["name"] in base_kernels)
-
-
-LAYER_FIELDS = ("name", "adapter", "kind", "activation", "scale", "tensors")
-
-
-def _layer_fields(layer) -> Mapping:
-    """A pack layer as a mapping of its fields, whether a ``Layer`` record or already a mapping."""
-    if isinstance(layer, Mapping):
-        return layer
-    return {field: getattr(layer, field) for field in LAYER_FIELDS}
+    return sum(math.prod(np.shape(base_kernels[layer.name]))
+               for layer in layers if layer.name in base_kernels)
 
 
 def rebuild_kernels(
-    base_kernels: dict[str, np.ndarray], layers: list[dict], threads: int | None = None,
+    base_kernels: dict[str, np.ndarray], layers: list[Layer], threads: int | None = None,
     buffer: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Adapted kernels for every adapted layer of a model.
 
-    ``layers`` are the pack's ``Layer`` records (device_runtime.pack) or mappings of the same
-    fields (``name``, ``adapter``: "km" | "lora", ``kind``, ``activation``, ``scale``,
-    ``tensors``). Layers the pack does not adapt are not returned
-    (the base keeps its own copy). All kernels are views into one float32 buffer: ``buffer`` (at
+    ``layers`` are the pack's ``Layer`` records (device_runtime.pack.records: validated, so a
+    layer's kind is resolved and its tensors fit each other). Layers the pack does not adapt are
+    not returned (the base keeps its own copy). All kernels are views into one float32 buffer: ``buffer`` (at
     least :func:`rebuild_size` elements; a warm reused buffer saves the page faults of a fresh
     one) or a new array, so a pack's kernels are allocated and freed as one block.
     ``threads > 1`` rebuilds layers in parallel (numpy releases the GIL in its loops).
     """
-    layers = [_layer_fields(layer) for layer in layers]
     shapes = []
     for layer in layers:
-        name = layer["name"]
+        name = layer.name
         if name not in base_kernels:
             raise ShapeMismatchError(f"pack adapts layer {name!r}, which the base does not have")
-        if layer["adapter"] not in ("km", "lora"):
-            raise ShapeMismatchError(f"layer {name!r} has unknown adapter {layer['adapter']!r}")
+        if layer.adapter not in ("km", "lora"):
+            raise ShapeMismatchError(f"layer {name!r} has unknown adapter {layer.adapter!r}")
         shapes.append(tuple(np.shape(base_kernels[name])))
     sizes = [math.prod(shape) for shape in shapes]
     if buffer is None:
@@ -432,7 +422,7 @@ def rebuild_kernels(
     groups: dict = {}
     tasks = []  # (work in elements, callable)
     for layer, out, size in zip(layers, outs, sizes):
-        weight = base_kernels[layer["name"]]
+        weight = base_kernels[layer.name]
         key = _group_key(weight, layer)
         if key is None:
             tasks.append((size, lambda job=(weight, layer, out): _rebuild_one(*job)))
@@ -450,4 +440,4 @@ def rebuild_kernels(
     else:
         for _, task in tasks:
             task()
-    return {layer["name"]: out for layer, out in zip(layers, outs)}
+    return {layer.name: out for layer, out in zip(layers, outs)}

@@ -20,7 +20,8 @@ import numpy as np
 from .errors import NonFiniteError, PackLimitError, ShapeMismatchError
 
 __all__ = [
-    "MAX_IMAGE_PIXELS", "MAX_SIDE", "MAX_ABS_MEAN", "STD_RANGE", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_ELEMENTS",
+    "MAX_IMAGE_PIXELS", "MAX_SIDE", "MEAN_RANGE", "STD_RANGE", "INTERPOLATIONS", "DEFAULT_INTERPOLATION", "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_ELEMENTS",
     "MAX_MODULATOR_PARAMS_RATIO", "MAX_HIDDEN_PER_INPUT", "MAX_REBUILD_WORK_RATIO",
     "check_rebuild_budget", "check_input_size", "check_finite_kernels", "check_finite_scores",
 ]
@@ -31,12 +32,17 @@ __all__ = [
 MAX_IMAGE_PIXELS = 50_000_000
 
 # --- preprocessing --------------------------------------------------------------------------
-# Largest ``resize`` and ``crop`` (pixels per side) a pack or a base manifest may ask for.
+# One set of bounds for every preprocessing spec the device applies: a pack's (checked by its
+# record, device_runtime.pack.records) and a base manifest's (device_runtime.preprocess.check_spec).
+# Largest ``resize`` (shorter side after resizing) and ``crop``, pixels per side.
 MAX_SIDE = 4096
-# Normalisation: pixels are scaled to [0, 1] first, so a sane mean is near that and std not tiny
-# (normalised pixels stay within ~1e6, far from float32 overflow).
-MAX_ABS_MEAN = 1e3
-STD_RANGE = (1e-3, 1e3)
+# Normalisation: pixels are scaled to [0, 1] first, so a real mean is near that and std not tiny
+# (normalised pixels stay within ~1e3, far from float32 overflow).
+MEAN_RANGE = (-10.0, 10.0)  # per channel, in [0, 1] pixel units
+STD_RANGE = (1e-3, 10.0)
+# Resampling filters a spec may name (device_runtime.preprocess maps them to Pillow's).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+DEFAULT_INTERPOLATION = "bilinear"  # where a spec (an older base file, a timm config) names none we know
 
 # --- base manifest --------------------------------------------------------------------------
 MAX_MANIFEST_BYTES = 16 * 2**20       # manifest.json is read whole

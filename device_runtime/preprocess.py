@@ -24,19 +24,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageError
-from .limits import MAX_ABS_MEAN, MAX_IMAGE_PIXELS, MAX_SIDE, STD_RANGE
+from .limits import DEFAULT_INTERPOLATION, INTERPOLATIONS, MAX_IMAGE_PIXELS, MAX_SIDE, MEAN_RANGE, STD_RANGE
 from .text import printable
 
-__all__ = ["load_image", "to_rgb", "preprocess", "preprocess_batch", "check_spec", "INTERPOLATIONS",
+__all__ = ["load_image", "to_rgb", "preprocess", "preprocess_batch", "check_spec", "RESAMPLE_FILTERS",
            "source_box", "neutral_batch"]
 
-# the one map from a spec's ``interpolation`` name to Pillow's resample filter
-INTERPOLATIONS = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
-DEFAULT_INTERPOLATION = "bilinear"
+# the one map from a spec's ``interpolation`` name (limits.INTERPOLATIONS) to Pillow's resample filter
+RESAMPLE_FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 
 
 def _reason(exc: BaseException) -> str:
@@ -150,19 +145,19 @@ def _spec_values(spec: Mapping) -> tuple[int, int, np.ndarray, np.ndarray, int]:
         )
     mean, std = _vector(spec, "mean"), _vector(spec, "std")
     if not (np.isfinite(mean).all() and np.isfinite(std).all()
-            and (np.abs(mean) <= MAX_ABS_MEAN).all()
+            and ((mean >= MEAN_RANGE[0]) & (mean <= MEAN_RANGE[1])).all()
             and ((std >= STD_RANGE[0]) & (std <= STD_RANGE[1])).all()):
         raise ValueError(
-            f"preprocess mean must be within +-{MAX_ABS_MEAN:g} and std within "
+            f"preprocess mean must be within {MEAN_RANGE[0]:g}..{MEAN_RANGE[1]:g} and std within "
             f"{STD_RANGE[0]:g}..{STD_RANGE[1]:g}, got {printable(spec['mean'], 80)}, "
             f"{printable(spec['std'], 80)}"
         )
     name = spec.get("interpolation", DEFAULT_INTERPOLATION)
-    if not isinstance(name, str) or name not in INTERPOLATIONS:
+    if not isinstance(name, str) or name not in RESAMPLE_FILTERS:
         raise ValueError(
-            f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {printable(repr(name), 60)}"
+            f"interpolation must be one of {list(INTERPOLATIONS)}, got {printable(repr(name), 60)}"
         )
-    return resize, crop, mean, std, INTERPOLATIONS[name]
+    return resize, crop, mean, std, RESAMPLE_FILTERS[name]
 
 
 def check_spec(spec: Mapping) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -45,6 +46,7 @@ from .pack import read_pack, read_pack_file
 from .preprocess import check_spec, load_image, neutral_batch, preprocess
 
 __all__ = ["Runtime", "LoadedPack", "release_memory", "top_predictions"]
+log = logging.getLogger(__name__)
 
 
 def _load_malloc_trim():
@@ -235,6 +237,8 @@ class Runtime:
             cached.timings_ms.update(timings, rebuild=0.0, session=0.0, probe=0.0)
             cached.timings_ms.pop("preprocess", None)
             cached.timings_ms.pop("infer", None)
+            log.debug("%s: task %s v%d from the session cache (verify %.1f ms)", path.name, pack.task,
+                      pack.pack_version, timings["verify"])
             return self._activate(cached)
 
         self._check_against_base(path, pack)
@@ -242,6 +246,8 @@ class Runtime:
         with self._build_lock:
             backend = self._build(path, pack, digest, timings)
         loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings)
+        log.debug("%s: task %s v%d loaded (verify %.1f ms, rebuild %.1f ms, session %.1f ms)", path.name, pack.task,
+                  pack.pack_version, timings["verify"], timings["rebuild"], timings["session"])
         self._cache[digest] = loaded
         while len(self._cache) > self.cache_size:
             self._evict(next(iter(self._cache)))

@@ -12,12 +12,13 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["printable", "check_task_name", "TASK_NAME_MAX", "TASK_NAME_RULE"]
+__all__ = ["printable", "check_task_name", "TASK_NAME_MAX", "TASK_NAME_PATTERN", "TASK_NAME_RULE"]
 
 PRINT_LIMIT = 200        # characters of one printed value (a label, a task, a file name)
 MESSAGE_LIMIT = 1000     # characters of one printed error line
 TASK_NAME_MAX = 64
-_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# also a pack's ``task`` (device_runtime.pack.records): the name a device files the pack under
+TASK_NAME_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{TASK_NAME_MAX - 1}}}"
 TASK_NAME_RULE = (f"1 to {TASK_NAME_MAX} characters from A-Z a-z 0-9 . _ -, starting with a letter "
                   "or digit")
 
@@ -46,6 +47,6 @@ def check_task_name(name) -> str:
     """``name`` if it is a safe task name, else ValueError saying the rule (callers re-raise it as
     their own error). A safe name has no path separator, is not ``.``/``..`` and cannot start with
     ``-`` or ``.``."""
-    if not isinstance(name, str) or len(name) > TASK_NAME_MAX or not _TASK_NAME.fullmatch(name):
+    if not isinstance(name, str) or not re.fullmatch(TASK_NAME_PATTERN, name):
         raise ValueError(f"task name '{printable(name, 80)}' is not allowed: use {TASK_NAME_RULE}")
     return name

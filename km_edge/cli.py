@@ -4,12 +4,17 @@ Device commands (run, eval, bench, verify, inspect, serve) import only ``device_
 starts on a device install without torch; host commands import torch lazily inside their bodies, and
 serve imports its HTTP stack only inside its body. Every command
 takes ``--json``; user errors print one line and exit 2, internal failures exit 1.
+
+Results go to stdout (JSON with ``--json``); log lines (``logging``, one logger per module) and
+progress bars go to stderr. Logging is configured here and nowhere else: ``km-edge -q`` shows
+warnings and errors only (and no progress bars), the default shows info, ``km-edge -v`` debug.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import traceback
@@ -22,8 +27,53 @@ from device_runtime.text import MESSAGE_LIMIT, printable
 
 from .options import BASE, META, TRAIN
 
+log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
+LOGGED_PACKAGES = ("km_edge", "device_runtime")  # their loggers follow -v/-q; others show warnings only
+
+
+class _LogFormat(logging.Formatter):
+    """Info lines as plain sentences; other levels say so, in the ``km-edge: error:`` style."""
+
+    def __init__(self, timestamps: bool = False):
+        super().__init__(("%(asctime)s " if timestamps else "") + "%(label)s%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        where = f"{record.name}: " if record.levelno == logging.DEBUG else ""
+        record.label = "" if record.levelno == logging.INFO else f"km-edge: {record.levelname.lower()}: {where}"
+        return super().format(record)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (click's test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
+def configure_logging(level: int, timestamps: bool = False) -> None:
+    """One stderr handler on the root logger (replacing the one set before, so repeated in-process
+    calls do not stack handlers); km-edge's own loggers at ``level``, every other library at WARNING."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(_LogFormat(timestamps))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in LOGGED_PACKAGES:
+        logging.getLogger(name).setLevel(level)
+
+
+def _progress(as_json: bool) -> bool:
+    """Progress bars (stderr) are info-level output: hidden by --quiet, and with --json."""
+    return not as_json and logging.getLogger(LOGGED_PACKAGES[0]).isEnabledFor(logging.INFO)
 
 
 def _emit(data, as_json: bool, text: str | None = None) -> None:
@@ -57,7 +107,7 @@ def command(group, *args, **kwargs):
                     name = func.__name__.removesuffix("_cmd").replace("_", "-")
                     _fail(f"'{name}' runs on the host and needs torch: pip install 'km-edge[train]'",
                           EXIT_BAD_INPUT, as_json)
-                if os.environ.get("KM_EDGE_DEBUG"):
+                if os.environ.get("KM_EDGE_DEBUG") or log.isEnabledFor(logging.DEBUG):  # km-edge -v
                     traceback.print_exc()
                 _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL, as_json)
 
@@ -99,15 +149,25 @@ class _Cli(click.Group):
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="km-edge")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too (stderr).")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only; no progress bars.")
+def main(verbose: bool, quiet: bool) -> None:
     """Ship many image tasks to edge devices from one frozen ConvNet with Kernel Modulation packs."""
+    if verbose and quiet:
+        raise click.UsageError("-v/--verbose and -q/--quiet exclude each other; pass one")
+    configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 # --- helpers shared by commands ------------------------------------------------------------------
 def _settings():
-    from .config import load_settings
+    """km-edge.toml of the working directory, read once per command (kept on click's context)."""
+    from .config import CONFIG_FILE, load_settings
 
-    return load_settings(".")
+    meta = click.get_current_context().meta
+    if "km_edge.settings" not in meta:
+        meta["km_edge.settings"] = settings = load_settings(".")
+        log.debug("settings: %s", Path(CONFIG_FILE).resolve() if settings.found else f"no {CONFIG_FILE}, defaults")
+    return meta["km_edge.settings"]
 
 
 def _base_spec(settings, arch, weights, input_size, width=None) -> dict:
@@ -297,7 +357,7 @@ def demo_data_cmd(directory, seed, scale, as_json):
     """Write the built-in offline demo tasks (ImageFolder): a source task and target tasks."""
     from .demodata import write_demo_data
 
-    summary = write_demo_data(directory, seed=seed, scale=scale, progress=not as_json)
+    summary = write_demo_data(directory, seed=seed, scale=scale, progress=_progress(as_json))
     lines = [f"{task}: {len(s['classes'])} classes, {s['train']} train / {s['val']} val" for task, s in summary.items()]
     _emit({"directory": str(directory), "tasks": summary}, as_json, "\n".join(lines))
 
@@ -322,7 +382,7 @@ def pretrain_cmd(data_dir, arch, out_path, epochs, batch_size, lr, input_size, w
     arch = arch or settings.base.get("arch", "demo")
     out_path = out_path or f"bases/{arch}.pth"
     report = pretrain_base(data_dir, arch, out_path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                           device=device, input_size=input_size, width=width, progress=not as_json)
+                           device=device, input_size=input_size, width=width, progress=_progress(as_json))
     _emit(report, as_json, f"base {arch} saved to {out_path}; source val accuracy {report['source_val_accuracy']:.3f}")
 
 
@@ -374,7 +434,7 @@ def _train(task, overrides, as_json):
 
     checkpoint = settings.path("checkpoints") / f"{task}.pt"
     return train_task(task, task_settings["data"], _base_spec(settings, None, None, None), options, checkpoint,
-                      progress=not as_json)
+                      progress=_progress(as_json))
 
 
 @command(main, "train")
@@ -453,7 +513,7 @@ def meta_train_cmd(data_dir, out_path, as_json, **overrides):
     from .meta import meta_train
 
     report = meta_train(data_dir, _base_spec(settings, None, None, None), options, meta, out_path,
-                        progress=not as_json)
+                        progress=_progress(as_json))
     _emit(report, as_json,
           f"meta-init {out_path}: Reptile, {report['episodes']} episodes {report['ways']}-way {report['shots']}-shot "
           f"on {report['source_classes']} source classes; query accuracy after {report['inner_steps']} steps "
@@ -527,7 +587,7 @@ def eval_cmd(pack_path, directory, base_dir, pubkeys, backend, batch_size, threa
     """Accuracy of a pack on a labelled ImageFolder split, on the device runtime."""
     runtime = _runtime(base_dir, pubkeys, backend, threads, provider, trt_fp16, rollback=_rollback_state(state_path))
     loaded = runtime.load_pack(pack_path)
-    result = runtime.evaluate(directory, batch_size=batch_size, progress=not as_json)
+    result = runtime.evaluate(directory, batch_size=batch_size, progress=_progress(as_json))
     result["timings_ms"] = {k: round(v, 3) for k, v in loaded.timings_ms.items()}
     result["pack"] = {"task": loaded.pack.task, "version": loaded.pack.pack_version}
     result["provider"] = runtime.provider.name
@@ -637,12 +697,12 @@ def inspect_cmd(pack_path, pubkeys, as_json):
 @click.option("--input-size", default=None, type=BASE["input_size"].click_type(), help="Base input size [demo default, 48].")
 def demo_cmd(workdir, tasks, epochs, input_size, as_json):
     """The whole flow offline, in minutes, on the real ImageNet EfficientNet-Lite0 base."""
-    from .demo import run_demo
+    from .demo import format_table, run_demo
 
     rows = run_demo(workdir, [t for t in tasks.split(",") if t], epochs=epochs, input_size=input_size,
-                    progress=not as_json, log=(lambda msg: None) if as_json else click.echo)
-    if as_json:
-        _emit(rows, True)
+                    progress=_progress(as_json))
+    below = [row["task"] for row in rows if row["host_val_accuracy"] <= row["head_only_accuracy"]]
+    _emit(rows, as_json, format_table(rows) + (f"\nKM is not above head-only on: {', '.join(below)}" if below else ""))
 
 
 # --- serving ---------------------------------------------------------------------------------------
@@ -689,15 +749,13 @@ def _read_token(path) -> bytes:
               help="Pixels per image, checked from its header before decoding.")
 @click.option("--shutdown-timeout", default=30, show_default=True, type=click.IntRange(min=1),
               help="Seconds requests in flight get to finish after SIGTERM.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Log level of the server [info; km-edge -v: debug, -q: warning]; log lines carry timestamps.")
 @click.option("--access-log", is_flag=True, help="Log every request.")
 def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, provider, trt_fp16, backend, threads, workers,
               queue_size, token_file, state_path, poll_interval, keep_removed, max_body_mb, max_images,
               max_pixels, shutdown_timeout, log_level, access_log, as_json):
     """Serve every task pack in a folder over HTTP; new pack versions are swapped in while serving."""
-    import logging
-
     try:
         import uvicorn  # noqa: F401 - only checked here; device_runtime.serve.server runs it
 
@@ -707,8 +765,9 @@ def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, provider, tr
     except ModuleNotFoundError as exc:
         raise ConfigError(f"'serve' needs {exc.name}: pip install 'km-edge[serve]'") from None
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("km_edge.serve")
+    level = logging.getLevelName(log_level.upper()) if log_level else logging.getLogger("km_edge").getEffectiveLevel()
+    configure_logging(level, timestamps=True)  # a long-running server: its lines say when
+    log_level = logging.getLevelName(level).lower()  # uvicorn's own loggers follow the same level
     packs = Path(packs_dir or os.environ.get("KM_EDGE_PACKS") or "packs")
     if not packs.is_dir():
         raise ConfigError(f"--packs {packs}: no such folder; create it or point --packs at your packs")

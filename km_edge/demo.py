@@ -11,8 +11,8 @@ images are the built-in synthetic tasks (no package ships labelled images that s
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from .models import build_base
 from .pack import write_task_pack
 from .train import train_task
 
+log = logging.getLogger(__name__)
+
 DEMO_SEED = 0
 DEMO_ARCH, DEMO_WEIGHTS = "efficientnet_lite0", "imagenet"
 DEMO_INPUT_SIZE = 48  # lite0 at 48 px (resize 54, crop 48): the demo's 40 px images, minutes on 2 cores
@@ -41,24 +43,24 @@ BATCH_SIZE = 32
 DEMO_KM_OPTIONS = {"train_bn": False}
 BASELINE = "head"  # the comparison column: a linear head on the frozen ImageNet features, same steps
 
-TABLE_COLUMNS = [  # key, header, format
-    ("task", "task", "{}"),
-    ("host_val_accuracy", "host acc", "{:.3f}"),
-    ("device_accuracy", "device acc", "{:.3f}"),
-    ("head_only_accuracy", "head-only acc", "{:.3f}"),
-    ("max_logit_diff", "max logit diff", "{:.1e}"),
-    ("pack_bytes", "pack bytes", "{:,}"),
-    ("percent_of_base_bytes", "% of base", "{:.2f}"),
-    ("rebuild_ms", "rebuild ms", "{:.1f}"),
-    ("session_ms", "session ms", "{:.1f}"),
-    ("infer_ms", "infer ms/img", "{:.2f}"),
-]
+TABLE_COLUMNS = {  # row key: (header, format)
+    "task": ("task", "{}"),
+    "host_val_accuracy": ("host acc", "{:.3f}"),
+    "device_accuracy": ("device acc", "{:.3f}"),
+    "head_only_accuracy": ("head-only acc", "{:.3f}"),
+    "max_logit_diff": ("max logit diff", "{:.1e}"),
+    "pack_bytes": ("pack bytes", "{:,}"),
+    "percent_of_base_bytes": ("% of base", "{:.2f}"),
+    "rebuild_ms": ("rebuild ms", "{:.1f}"),
+    "session_ms": ("session ms", "{:.1f}"),
+    "infer_ms": ("infer ms/img", "{:.2f}"),
+}
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |"
+    header = "| " + " | ".join(h for h, _ in TABLE_COLUMNS.values()) + " |"
     rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt.format(row[k]) for k, _, fmt in TABLE_COLUMNS) + " |" for row in rows]
+    body = ["| " + " | ".join(fmt.format(row[k]) for k, (_, fmt) in TABLE_COLUMNS.items()) + " |" for row in rows]
     return "\n".join([header, rule, *body])
 
 
@@ -68,8 +70,8 @@ def run_demo(
     epochs: int | None = None,
     input_size: int | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> list[dict]:
+    """Run the whole flow in ``workdir``; each step is logged (info), the rows of the table returned."""
     work = Path(workdir)
     tasks = list(tasks or TARGET_TASKS)
     unknown = [t for t in tasks if t not in TARGET_TASKS]
@@ -78,31 +80,31 @@ def run_demo(
     input_size = int(input_size or DEMO_INPUT_SIZE)
     data = work / "data"
     if not all((data / t / "train").is_dir() for t in tasks):
-        log(f"[1/6] writing demo data to {data}")
+        log.info(f"[1/6] writing demo data to {data}")
         write_demo_data(data, seed=DEMO_SEED, progress=progress, tasks=tasks)
     else:
-        log(f"[1/6] demo data already in {data}")
+        log.info(f"[1/6] demo data already in {data}")
 
     base_spec = {"arch": DEMO_ARCH, "weights": DEMO_WEIGHTS, "input_size": input_size}
     task_tables = {t: {"data": f"data/{t}", "epochs": int(epochs or TASK_EPOCHS), **DEMO_KM_OPTIONS} for t in tasks}
     (work / CONFIG_FILE).write_text(render_config(DEMO_ARCH, DEMO_WEIGHTS, input_size, task_tables))
     base = build_base(**base_spec)
     manifest = export_base(base, work / "base")
-    log(f"[2/6] exported the ImageNet EfficientNet-Lite0 base ({base.num_params():,} params, "
-        f"{len(manifest['conv_layers'])} convs, {input_size} px) to {work / 'base'}: base_id {manifest['base_id'][:16]}…")
+    log.info(f"[2/6] exported the ImageNet EfficientNet-Lite0 base ({base.num_params():,} params, "
+             f"{len(manifest['conv_layers'])} convs, {input_size} px) to {work / 'base'}: base_id {manifest['base_id'][:16]}…")
 
     keys = work / "keys"
     private_key, public_key = key_paths(keys)
     if not private_key.exists():
         generate_keypair(keys)
-    log(f"[3/6] signing key in {keys}")
+    log.info(f"[3/6] signing key in {keys}")
 
     options = dict(TRAIN_DEFAULTS, epochs=epochs or TASK_EPOCHS, batch_size=BATCH_SIZE, device="cpu", seed=DEMO_SEED)
     km_options = dict(options, **DEMO_KM_OPTIONS)
     runtime = Runtime(work / "base", load_trusted_keys([public_key]))
     rows = []
     for task in tasks:
-        log(f"[4/6] {task}: training KM and packing; training the head-only baseline")
+        log.info(f"[4/6] {task}: training KM and packing; training the head-only baseline")
         checkpoint_path = work / "checkpoints" / f"{task}.pt"
         trained = train_task(task, data / task, base_spec, km_options, checkpoint_path, progress=progress)
         checkpoint = load_checkpoint(checkpoint_path)
@@ -110,7 +112,7 @@ def run_demo(
         baseline = train_task(task, data / task, base_spec, dict(options, method=BASELINE),
                               work / "checkpoints" / f"{task}-{BASELINE}.pt", progress=progress)
 
-        log(f"[5/6] {task}: device runtime (verify, rebuild, onnxruntime)")
+        log.info(f"[5/6] {task}: device runtime (verify, rebuild, onnxruntime)")
         loaded = runtime.load_pack(packed["pack"])
         classes, samples = list_image_folder(data / task / "val")
         first = {}
@@ -118,7 +120,7 @@ def run_demo(
             first.setdefault(label, path)
         predictions = runtime.predict([str(p) for p in first.values()], top_k=1)
         hits = sum(p["top"][0]["label"] == classes[label] for p, label in zip(predictions, first))
-        log(f"      run: {hits}/{len(predictions)} sample images right")
+        log.info(f"      run: {hits}/{len(predictions)} sample images right")
         result = runtime.evaluate(data / task / "val", progress=progress)
         timings = dict(loaded.timings_ms)
         rows.append({
@@ -135,12 +137,8 @@ def run_demo(
             "percent_of_base_params": trained["percent_of_base"],
             "pack": packed["pack"],
         })
-    log(f"[6/6] results: KM packs on ImageNet EfficientNet-Lite0 at {input_size} px "
-        "(device = onnxruntime on this machine's CPU)\n")
-    log(format_table(rows))
-    below = [r["task"] for r in rows if r["host_val_accuracy"] <= r["head_only_accuracy"]]
-    if below:
-        log(f"\nKM is not above head-only on: {', '.join(below)}")
+    log.info(f"[6/6] results: KM packs on ImageNet EfficientNet-Lite0 at {input_size} px "
+             "(device = onnxruntime on this machine's CPU)")
     return rows
 
 

@@ -10,6 +10,7 @@ graph inputs so onnxruntime treats them as constants and can fuse Conv+BN itself
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -33,6 +34,7 @@ EXPECTED_EXPORT_WARNINGS = (
     (r"You are using the legacy TorchScript-based ONNX export", DeprecationWarning, ""),
     (r"The feature will be removed\. Please remove usage of this function", DeprecationWarning, r"torch\.onnx\."),
 )
+log = logging.getLogger(__name__)
 
 
 def backbone_to_onnx(base: BaseModel) -> onnx.ModelProto:
@@ -94,6 +96,8 @@ def export_base(base: BaseModel, out_dir: str | Path) -> dict:
     """Write base.onnx, base.weights and manifest.json; returns the manifest (with base_id)."""
     model = backbone_to_onnx(base)
     conv_entries, bn_entries, bn_eps = _graph_layers(model, base.backbone, base.arch)
+    log.debug("%s traced to ONNX (opset %d): %d convs, %d BatchNorms", base.arch, OPSET, len(conv_entries),
+              len(bn_entries))
     meta = {
         "arch": base.arch,
         # a local weights file by its name only: the base's identity (base_id) must not depend on the

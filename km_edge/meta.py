@@ -17,6 +17,7 @@ loads its modulators in place of the zero-start ones. Packs and the device are u
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from .models import TaskModel
 META_INIT_FORMAT = "km-edge-meta-init"
 META_INIT_VERSION = 1
 MAX_SOURCE_IMAGES = 200_000  # a source folder is listed and cached; bound it before reading
+log = logging.getLogger(__name__)
 
 
 # --- episodes --------------------------------------------------------------------------------
@@ -192,6 +194,8 @@ def reptile(model: TaskModel, config: MethodConfig, images: torch.Tensor, labels
         window = (window + [query_accuracy])[-50:]
         if episode_index % max(1, episodes // 20) == 0 or episode_index == episodes - 1:
             history.append({"episode": episode_index + 1, "query_accuracy_last50": float(np.mean(window))})
+            log.debug("meta-train: episode %d/%d, query accuracy (last 50) %.4f", episode_index + 1, episodes,
+                      history[-1]["query_accuracy_last50"])
         bar.update(1)
         bar.set_postfix(query_acc=f"{np.mean(window):.3f}")
     bar.close()
@@ -239,6 +243,8 @@ def meta_train(data_dir: str | Path, base_spec: dict, options: dict, meta: dict,
     model = build_task_model(base, int(meta["ways"]), config, seed)
     lr = float(options.get("lr") or DEFAULT_LR["km"])
     head_lr = float(options.get("head_lr") or head_learning_rate("km", lr))
+    log.info("meta-training (Reptile) on %s: %d images of %d classes, %s episodes %s-way %s-shot", data_dir,
+             len(labels), len(class_names), meta["episodes"], meta["ways"], meta["shots"])
     record = reptile(model, config, images, labels, ways=int(meta["ways"]), shots=int(meta["shots"]),
                      queries=int(meta["queries"]), episodes=int(meta["episodes"]),
                      inner_steps=int(meta["inner_steps"]), lr=lr, head_lr=head_lr, meta_lr=float(meta["meta_lr"]),

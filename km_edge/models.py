@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 from device_runtime.errors import CheckpointError, ConfigError, KmEdgeError
+from device_runtime.limits import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 from .config import random_base_name
 from .weights import NO_WEIGHTS, is_weights_file
@@ -86,7 +87,7 @@ DEMO_LAYOUT = [
     ("pw", 160, 1),
 ]
 DEMO_PREPROCESS = {"resize": 32, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                   "interpolation": "bilinear"}
+                   "interpolation": DEFAULT_INTERPOLATION}
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -260,13 +261,13 @@ def _timm_preprocess(model: nn.Module) -> dict:
 
     config = timm.data.resolve_model_data_config(model)
     crop = int(config["input_size"][-1])
-    interpolation = config.get("interpolation", "bilinear")
+    interpolation = config.get("interpolation", DEFAULT_INTERPOLATION)
     return {
         "resize": int(math.floor(crop / float(config.get("crop_pct", 1.0)) + 1e-6)),
         "crop": crop,
         "mean": [float(v) for v in config["mean"]],
         "std": [float(v) for v in config["std"]],
-        "interpolation": interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+        "interpolation": interpolation if interpolation in INTERPOLATIONS else DEFAULT_INTERPOLATION,
     }
 
 
@@ -401,7 +402,7 @@ class BaseModel:
     mean: tuple
     std: tuple
     width: float = 1.0
-    interpolation: str = "bilinear"
+    interpolation: str = DEFAULT_INTERPOLATION
     classifier: nn.Linear | None = None
     class_names: list | None = None
 
@@ -498,7 +499,7 @@ def _saved_preprocess(saved: dict, fallback: dict) -> dict:
     """What a km-edge base file recorded (older files recorded only input size and resize)."""
     recorded = saved.get("preprocess")
     if isinstance(recorded, dict) and {"resize", "crop", "mean", "std"} <= set(recorded):
-        return {"interpolation": "bilinear", **recorded}
+        return {"interpolation": DEFAULT_INTERPOLATION, **recorded}
     size = saved.get("input_size")
     if size is None:
         return fallback

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from device_runtime.basefiles import Base
@@ -13,6 +14,8 @@ from device_runtime.pack import BN_TENSORS, BnEntry, build_pack, write_pack
 from .adapters import adapters_of
 from .checkpoint import restore_task_model
 from .methods import PACKABLE_METHODS, batchnorms
+
+log = logging.getLogger(__name__)
 
 
 def task_tensors(model, config) -> dict:
@@ -75,6 +78,8 @@ def write_task_pack(
     check_rebuild_budget(Path(out_path).name, body["layers"], base_files.conv_shapes)
     data = build_pack(body, load_private_key(signing_key), storage_dtype=storage_dtype)
     write_pack(out_path, data)
+    log.debug("%s: task %s v%d, %d layers, %s, %d bytes, signed with %s", out_path, body["task"],
+              body["pack_version"], len(body["layers"]), storage_dtype, len(data), signing_key)
     total = int(base_files.manifest["graph_bytes"]) + int(base_files.manifest["weights_bytes"])
     return {
         "task": body["task"],

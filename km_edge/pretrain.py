@@ -6,6 +6,7 @@ saved as a km-edge base file that ``--weights FILE`` builds again.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .data import check_images, load_task_splits, make_loader
@@ -13,6 +14,8 @@ from .methods import MethodConfig, build_task_model
 from .models import build_base, save_base_weights
 from .torch_setup import pick_device, seed_everything
 from .train import fit
+
+log = logging.getLogger(__name__)
 
 
 def pretrain_base(
@@ -40,6 +43,8 @@ def pretrain_base(
     spec = base.preprocess
     train_loader = make_loader(splits.train, spec, batch_size, True, seed)
     val_loader = make_loader(splits.val, spec, 256, False)
+    log.info("pretraining %s: %d train / %d val images, %d classes, %d epochs on %s", arch, len(splits.train),
+             len(splits.val), len(splits.classes), epochs, torch_device)
     result = fit(model, config, train_loader, val_loader, epochs=epochs, lr=lr, head_lr=lr,
                  weight_decay=5e-4, device=torch_device, max_steps=max_steps, progress=progress,
                  desc=f"pretrain {arch}")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from .methods import (
 from .models import TaskModel, build_base
 from .torch_setup import pick_device, seed_everything
 from .weights import NO_WEIGHTS, is_weights_file
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -114,6 +117,8 @@ def fit(
             {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "train_accuracy": correct / max(seen, 1),
              "val_loss": val_loss, "val_accuracy": val_accuracy}
         )
+        log.debug("%s: epoch %d/%d train loss %.4f accuracy %.4f, val loss %.4f accuracy %.4f", desc, epoch + 1,
+                  epochs, *(best.history[-1][k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")))
         if val_accuracy > best.best_val_accuracy:
             best.best_val_accuracy, best.best_epoch = val_accuracy, epoch + 1
             best.best_state = task_state(model, config)
@@ -175,6 +180,9 @@ def train_task(
     untrained_accuracy, _ = evaluate(model.to(device), val_loader, device)
     lr = float(options["lr"] or DEFAULT_LR[config.method])
     head_lr = float(options["head_lr"] or head_learning_rate(config.method, lr))
+    log.info("training %s [%s] on %s: %d train / %d val images, %d classes, %s epochs on %s; untrained val "
+             "accuracy %.4f", task, config.method, base_spec["arch"], len(splits.train), len(splits.val),
+             len(splits.classes), options["epochs"], device, untrained_accuracy)
     result = fit(
         model, config, train_loader, val_loader,
         epochs=int(options["epochs"]), lr=lr, head_lr=head_lr,

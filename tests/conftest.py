@@ -87,6 +87,17 @@ def device_state_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """The hand-built tiny base of test_device_runtime.py (convs, a depthwise conv, BatchNorm),
+    exported once for the session: read it, copy it to change it."""
+    from test_device_runtime import export
+
+    out = tmp_path_factory.mktemp("tiny-base")
+    export(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_project(tmp_path_factory) -> DemoProject:
     from device_runtime.keys import generate_keypair
     from km_edge.config import render_config

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_device_runtime import export, make_pack
+from test_device_runtime import device_folder, make_pack
 
 from device_runtime.basefiles import Base
 from device_runtime.bench import rotation_rss
-from device_runtime.keys import generate_keypair, load_private_key, load_trusted_keys
+from device_runtime.keys import load_trusted_keys
 from device_runtime.runtime import Runtime
 
 KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
@@ -25,10 +25,7 @@ KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    export(root / "base")
-    generate_keypair(root / "keys")
-    key = load_private_key(root / "keys" / "signing.key")
-    base = Base.open(root / "base")
+    base, key = device_folder(root)
     packs = [make_pack(root / f"task{i}.kmp", base, key, task=f"task{i}", seed=i) for i in range(4)]
     return root, packs
 

@@ -112,11 +112,12 @@ def export(out_dir, seed: int = 0) -> dict:
     return write_base(out_dir, model, conv_layers, bn_layers, META)
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base")
-    export(out)
-    return out
+def device_folder(root: Path) -> tuple[Base, Ed25519PrivateKey]:
+    """The tiny base in ``root/base`` and a signing pair in ``root/keys``, where device commands look
+    by default; returns the opened base and the private key (to sign packs for it)."""
+    export(root / "base")
+    keys.generate_keypair(root / "keys")
+    return Base.open(root / "base"), keys.load_private_key(root / "keys" / keys.PRIVATE_KEY_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +196,8 @@ def test_write_base_is_deterministic(tmp_path):
     assert not list(tmp_path.glob("*/*.tmp")) and not list(tmp_path.glob("*/.*"))
 
 
-def test_manifest_records_layers_meta_and_aligned_offsets(base_dir):
-    manifest = json.loads((base_dir / "manifest.json").read_text())
+def test_manifest_records_layers_meta_and_aligned_offsets(tiny_base_dir):
+    manifest = json.loads((tiny_base_dir / "manifest.json").read_text())
     assert manifest["format"] == "km-edge-base" and manifest["format_version"] == 2
     for key, value in META.items():
         assert manifest[key] == value
@@ -212,9 +213,9 @@ def test_manifest_records_layers_meta_and_aligned_offsets(base_dir):
         assert entry["length"] == 4 * int(np.prod(entry["shape"]))
 
 
-def test_graph_references_base_weights_as_external_data(base_dir):
-    manifest = json.loads((base_dir / "manifest.json").read_text())
-    model = onnx.load(str(base_dir / "base.onnx"), load_external_data=False)
+def test_graph_references_base_weights_as_external_data(tiny_base_dir):
+    manifest = json.loads((tiny_base_dir / "manifest.json").read_text())
+    model = onnx.load(str(tiny_base_dir / "base.onnx"), load_external_data=False)
     by_name = {t.name: t for t in model.graph.initializer}
     for entry in manifest["conv_layers"]:
         tensor = by_name[entry["initializer"]]
@@ -226,10 +227,10 @@ def test_graph_references_base_weights_as_external_data(base_dir):
     assert bias.data_location == TensorProto.DEFAULT and bias.raw_data
 
 
-def test_base_open_maps_the_exported_kernels(base_dir, params):
-    base = Base.open(base_dir)
-    assert base.base_id == json.loads((base_dir / "manifest.json").read_text())["base_id"]
-    assert base.graph_path == base_dir / "base.onnx"
+def test_base_open_maps_the_exported_kernels(tiny_base_dir, params):
+    base = Base.open(tiny_base_dir)
+    assert base.base_id == json.loads((tiny_base_dir / "manifest.json").read_text())["base_id"]
+    assert base.graph_path == tiny_base_dir / "base.onnx"
     assert base.preprocess == PREPROCESS and base.feature_size == FEATURES
     kernels = base.conv_kernels()
     assert list(kernels) == [row[0] for row in CONV_TABLE]
@@ -253,9 +254,9 @@ def test_write_base_refuses_unknown_initializer(tmp_path):
     assert not (tmp_path / "manifest.json").exists()
 
 
-def test_tampered_base_weights_are_refused(base_dir, tmp_path):
+def test_tampered_base_weights_are_refused(tiny_base_dir, tmp_path):
     copy = tmp_path / "base"
-    shutil.copytree(base_dir, copy)
+    shutil.copytree(tiny_base_dir, copy)
     data = bytearray((copy / "base.weights").read_bytes())
     data[100] ^= 0x01
     (copy / "base.weights").write_bytes(bytes(data))
@@ -265,9 +266,9 @@ def test_tampered_base_weights_are_refused(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["missing", "not json", "incomplete", "weights missing"])
-def test_broken_base_directory_is_a_one_line_base_error(base_dir, tmp_path, damage):
+def test_broken_base_directory_is_a_one_line_base_error(tiny_base_dir, tmp_path, damage):
     copy = tmp_path / "base"
-    shutil.copytree(base_dir, copy)
+    shutil.copytree(tiny_base_dir, copy)
     manifest = copy / "manifest.json"
     if damage == "missing":
         manifest.unlink()
@@ -285,8 +286,8 @@ def test_broken_base_directory_is_a_one_line_base_error(base_dir, tmp_path, dama
 
 
 # --- backends --------------------------------------------------------------------------------
-def test_ort_reference_and_numpy_agree_without_overrides(base_dir, params):
-    base = Base.open(base_dir)
+def test_ort_reference_and_numpy_agree_without_overrides(tiny_base_dir, params):
+    base = Base.open(tiny_base_dir)
     images = random_images(3)
     ort_features = OrtBackend(base.graph_path, {}).features(images)
     reference = ReferenceBackend(base.graph_path, {}).features(images)
@@ -295,8 +296,8 @@ def test_ort_reference_and_numpy_agree_without_overrides(base_dir, params):
     np.testing.assert_allclose(ort_features, numpy_features(images, params), atol=1e-5)
 
 
-def test_ort_uses_overridden_kernels_at_enable_all(base_dir, params):
-    base = Base.open(base_dir)
+def test_ort_uses_overridden_kernels_at_enable_all(tiny_base_dir, params):
+    base = Base.open(tiny_base_dir)
     kernels = km.rebuild_kernels(base.conv_kernels(), random_modulators(base))
     bn = {"bn.1": {"weight": np.full(CHANNELS, 2.0, np.float32),
                    "running_mean": np.full(CHANNELS, 0.3, np.float32)}}
@@ -313,8 +314,8 @@ def test_ort_uses_overridden_kernels_at_enable_all(base_dir, params):
     np.testing.assert_allclose(adapted, numpy_features(images, params, kernels, bn), atol=1e-5)
 
 
-def test_make_backend_names(base_dir):
-    base = Base.open(base_dir)
+def test_make_backend_names(tiny_base_dir):
+    base = Base.open(tiny_base_dir)
     assert isinstance(make_backend("ort", base.graph_path, {}), OrtBackend)
     assert isinstance(make_backend("reference", base.graph_path, {}), ReferenceBackend)
     with pytest.raises(ValueError, match="backend"):
@@ -464,18 +465,18 @@ def make_pack(path: Path, base: Base, signing_key, *, task="insects", version=1,
 
 
 @pytest.fixture()
-def runtime(base_dir, trusted):
-    return Runtime(base_dir, trusted)
+def runtime(tiny_base_dir, trusted):
+    return Runtime(tiny_base_dir, trusted)
 
 
-def test_runtime_runs_a_pack_like_the_reference(base_dir, trusted, signing_key, params, tmp_path):
-    base = Base.open(base_dir)
+def test_runtime_runs_a_pack_like_the_reference(tiny_base_dir, trusted, signing_key, params, tmp_path):
+    base = Base.open(tiny_base_dir)
     bn = [{"name": "bn.0", "tensors": {
         "weight": np.full(CHANNELS, 1.5, np.float32), "bias": np.zeros(CHANNELS, np.float32),
         "running_mean": np.zeros(CHANNELS, np.float32), "running_var": np.ones(CHANNELS, np.float32)}}]
     path = make_pack(tmp_path / "insects.kmp", base, signing_key, bn=bn)
     images = random_images(5)
-    ort_runtime, reference_runtime = Runtime(base_dir, trusted), Runtime(base_dir, trusted, "reference")
+    ort_runtime, reference_runtime = Runtime(tiny_base_dir, trusted), Runtime(tiny_base_dir, trusted, "reference")
     loaded = ort_runtime.load_pack(path)
     reference_runtime.load_pack(path)
     assert set(loaded.timings_ms) == {"verify", "rebuild", "session", "probe"}
@@ -490,7 +491,7 @@ def test_runtime_runs_a_pack_like_the_reference(base_dir, trusted, signing_key, 
                                atol=1e-4)
 
 
-def test_pack_for_another_base_is_refused(runtime, base_dir, signing_key, tmp_path):
+def test_pack_for_another_base_is_refused(runtime, tiny_base_dir, signing_key, tmp_path):
     base = runtime.base
     good = runtime.load_pack(make_pack(tmp_path / "good.kmp", base, signing_key))
     other = "f" * 64
@@ -544,9 +545,9 @@ def test_older_pack_for_the_same_task_is_a_downgrade(runtime, signing_key, tmp_p
     assert again is loaded_v2 and again.timings_ms["rebuild"] == 0.0
 
 
-def test_untrusted_pack_is_refused(base_dir, signing_key, tmp_path):
+def test_untrusted_pack_is_refused(tiny_base_dir, signing_key, tmp_path):
     stranger = Ed25519PrivateKey.generate()
-    runtime = Runtime(base_dir, {keys.key_id(stranger): stranger.public_key()})
+    runtime = Runtime(tiny_base_dir, {keys.key_id(stranger): stranger.public_key()})
     with pytest.raises(UntrustedKeyError):
         runtime.load_pack(make_pack(tmp_path / "p.kmp", runtime.base, signing_key))
 
@@ -605,9 +606,9 @@ def test_switching_packs_switches_the_model(runtime, signing_key, tmp_path):
     np.testing.assert_array_equal(runtime.features(images), features_first)
 
 
-def test_runtime_needs_a_base_and_a_pack(tmp_path, trusted, base_dir):
+def test_runtime_needs_a_base_and_a_pack(tmp_path, trusted, tiny_base_dir):
     with pytest.raises(BaseError) as caught:
         Runtime(tmp_path / "nowhere", trusted)
     assert isinstance(caught.value, KmEdgeError)
     with pytest.raises(RuntimeError, match="load_pack"):
-        Runtime(base_dir, trusted).features(random_images(1))
+        Runtime(tiny_base_dir, trusted).features(random_images(1))

@@ -17,8 +17,9 @@ from test_device_runtime import export, make_pack, random_images
 
 from device_runtime import keys, km
 from device_runtime.backends import fused_at_load
-from device_runtime.basefiles import Base, write_base
-from device_runtime.errors import ShapeMismatchError
+from device_runtime.basefiles import write_base
+from device_runtime.errors import PackLimitError, ShapeMismatchError
+from device_runtime.pack import Layer
 from device_runtime.runtime import Runtime
 
 TOLERANCE = 1e-6  # on the rebuilt kernel: absolute and relative (float32 rounding of the folded constants)
@@ -92,23 +93,23 @@ def model_layers(seed=5):
         weight, tensors, scale = modulator(shape, kind, hidden, seed=seed + index)
         name = f"conv{index}"
         kernels[name] = weight
-        layers.append({"name": name, "adapter": "km", "kind": kind, "activation": km.ACTIVATIONS[index % 4],
-                       "scale": scale, "tensors": tensors})
+        layers.append(Layer(name=name, adapter="km", kind=kind, activation=km.ACTIVATIONS[index % 4],
+                            scale=scale, tensors=tensors))
     kernels["lora"] = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
-    layers.append({"name": "lora", "adapter": "lora", "kind": "", "activation": "", "scale": 0.5,
-                   "tensors": {"a": rng.normal(size=(2, 27)).astype(np.float32),
-                               "b": rng.normal(size=(6, 2)).astype(np.float32)}})
+    layers.append(Layer(name="lora", adapter="lora", kind="", activation="", scale=0.5,
+                        tensors={"a": rng.normal(size=(2, 27)).astype(np.float32),
+                                 "b": rng.normal(size=(6, 2)).astype(np.float32)}))
     return kernels, layers
 
 
 def expected_kernels(kernels, layers):
     out = {}
     for layer in layers:
-        weight = kernels[layer["name"]]
-        if layer["adapter"] == "km":
-            out[layer["name"]] = km.modulate(weight, layer["tensors"], layer["kind"], layer["activation"], layer["scale"])
+        weight = kernels[layer.name]
+        if layer.adapter == "km":
+            out[layer.name] = km.modulate(weight, layer.tensors, layer.kind, layer.activation, layer.scale)
         else:
-            out[layer["name"]] = km.lora_update(weight, layer["tensors"], layer["scale"])
+            out[layer.name] = km.lora_update(weight, layer.tensors, layer.scale)
     return out
 
 
@@ -120,7 +121,7 @@ def test_rebuild_kernels_builds_every_layer_into_one_buffer(threads):
     assert size == sum(k.size for k in kernels.values())
     buffer = np.full(size + 10, np.nan, dtype=np.float32)
     rebuilt = km.rebuild_kernels(kernels, layers, threads=threads, buffer=buffer)
-    assert list(rebuilt) == [layer["name"] for layer in layers]
+    assert list(rebuilt) == [layer.name for layer in layers]
     for name, kernel in rebuilt.items():
         assert np.shares_memory(kernel, buffer) and kernel.flags.c_contiguous
         np.testing.assert_allclose(kernel, expected[name], rtol=0, atol=1e-5)
@@ -140,14 +141,16 @@ def test_small_layers_rebuilt_together_match_the_definition(activation):
     for index, (shape, kind, hidden) in enumerate(shapes):
         weight, tensors, scale = modulator(shape, kind, hidden, seed=20 + index)
         kernels[f"c{index}"] = weight
-        layers.append({"name": f"c{index}", "adapter": "km", "kind": "auto", "activation": activation,
-                       "scale": scale, "tensors": tensors})
-    assert sum(km._group_key(kernels[l["name"]], l) is not None for l in layers) == 8
+        layers.append(Layer(name=f"c{index}", adapter="km", kind=kind, activation=activation,
+                            scale=scale, tensors=tensors))
+    assert sum(km._group_key(kernels[layer.name], layer) is not None for layer in layers) == 8
     rebuilt = km.rebuild_kernels(kernels, layers)
     for name, expected in expected_kernels(kernels, layers).items():
         np.testing.assert_allclose(rebuilt[name], expected, rtol=TOLERANCE, atol=TOLERANCE)
-    bad = [dict(layers[0], tensors=dict(layers[0]["tensors"], b2=np.zeros(3, np.float32)))] + layers[1:]
-    with pytest.raises(ShapeMismatchError, match="b2"):
+    # tensors that fit each other (the record checks that) but not this layer's kernels
+    wrong = {n: np.zeros(s, np.float32) for n, s in km.modulator_shapes(4, 8).items()}
+    bad = [Layer(**{**vars(layers[0]), "tensors": wrong})] + layers[1:]
+    with pytest.raises(ShapeMismatchError, match="w1"):
         km.rebuild_kernels(kernels, bad)
 
 
@@ -156,9 +159,9 @@ def test_rebuild_kernels_refusals():
     with pytest.raises(ValueError, match="buffer"):
         km.rebuild_kernels(kernels, layers, buffer=np.empty(10, np.float32))
     with pytest.raises(ShapeMismatchError, match="nowhere"):
-        km.rebuild_kernels(kernels, [dict(layers[0], name="nowhere")])
-    with pytest.raises(ShapeMismatchError, match="adapter"):
-        km.rebuild_kernels(kernels, [dict(layers[0], adapter="dora")])
+        km.rebuild_kernels(kernels, [Layer(**{**vars(layers[0]), "name": "nowhere"})])
+    with pytest.raises(PackLimitError, match="adapter"):  # no such layer reaches the rebuild
+        Layer(**{**vars(layers[0]), "adapter": "dora"})
 
 
 # --- which kernels onnxruntime fuses at load ------------------------------------------------------
@@ -248,7 +251,7 @@ def test_a_cached_pack_keeps_its_model_while_other_packs_reuse_the_buffer(tmp_pa
     # what the pack means, computed apart from the runtime: the reference backend on plain copies
     from device_runtime.backends import ReferenceBackend
 
-    kernels = km.rebuild_kernels(base.conv_kernels(), layers_a)
+    kernels = km.rebuild_kernels(base.conv_kernels(), [Layer(**layer) for layer in layers_a])
     expected = ReferenceBackend(base.graph_path, {base.initializer_for(n): k.copy() for n, k in kernels.items()})
     np.testing.assert_allclose(first, expected.features(images), rtol=1e-4, atol=1e-5)
     runtime.load_pack(path_b)

@@ -31,16 +31,9 @@ from device_runtime.errors import (
 )
 from device_runtime.runtime import Runtime
 
-from test_device_runtime import PREPROCESS, SIZE, export, make_pack, random_modulators
+from test_device_runtime import PREPROCESS, SIZE, make_pack, random_modulators
 
 KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base")
-    export(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +49,8 @@ def signing_key(key_dir) -> Ed25519PrivateKey:
 
 
 @pytest.fixture()
-def runtime(base_dir, signing_key):
-    return Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+def runtime(tiny_base_dir, signing_key):
+    return Runtime(tiny_base_dir, {keys.key_id(signing_key): signing_key.public_key()})
 
 
 def modulators(runtime, hidden: int, seed: int = 2) -> list[dict]:
@@ -236,14 +229,14 @@ def test_crop_that_does_not_fit_the_graph_is_refused_by_verify(runtime, signing_
 
 
 # --- the CLI edge -----------------------------------------------------------------------------
-def test_run_refuses_a_nan_pack_with_one_line_and_valid_json(base_dir, key_dir, signing_key, tmp_path):
-    runtime = Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+def test_run_refuses_a_nan_pack_with_one_line_and_valid_json(tiny_base_dir, key_dir, signing_key, tmp_path):
+    runtime = Runtime(tiny_base_dir, {keys.key_id(signing_key): signing_key.public_key()})
     path = make_pack(tmp_path / "hostile.kmp", runtime.base, signing_key)
     path.write_bytes(_resigned_with_head(path, signing_key, 3e38))
     image = tmp_path / "x.png"
     Image.new("RGB", (SIZE, SIZE), (1, 2, 3)).save(image)
     for extra in ([], ["--json"]):
-        result = subprocess.run([KM_EDGE, "run", "--pack", path, "--base", base_dir, "--pubkey",
+        result = subprocess.run([KM_EDGE, "run", "--pack", path, "--base", tiny_base_dir, "--pubkey",
                                  key_dir / "signing.pub", image, *extra],
                                 capture_output=True, text=True)
         assert result.returncode == 2, result.stderr
@@ -263,11 +256,11 @@ def test_json_output_never_holds_nan():
         _emit({"probability": float("nan")}, True)
 
 
-def test_labels_and_task_names_that_would_garble_a_terminal_are_refused(base_dir, signing_key, tmp_path):
+def test_labels_and_task_names_that_would_garble_a_terminal_are_refused(tiny_base_dir, signing_key, tmp_path):
     """ANSI escapes, newlines and huge names never reach a device's output: the format refuses
     them (writer and reader share the check); what is printed also goes through
     device_runtime.text.printable (tests/test_host_hygiene.py)."""
-    runtime = Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+    runtime = Runtime(tiny_base_dir, {keys.key_id(signing_key): signing_key.public_key()})
     from device_runtime import pack as packformat
 
     body = _body_of(packformat.read_pack(
@@ -279,14 +272,14 @@ def test_labels_and_task_names_that_would_garble_a_terminal_are_refused(base_dir
         assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value) and len(str(caught.value)) < 1000
 
 
-def test_eval_text_output_lists_unreadable_images(base_dir, key_dir, signing_key, tmp_path):
-    runtime = Runtime(base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+def test_eval_text_output_lists_unreadable_images(tiny_base_dir, key_dir, signing_key, tmp_path):
+    runtime = Runtime(tiny_base_dir, {keys.key_id(signing_key): signing_key.public_key()})
     path = make_pack(tmp_path / "p.kmp", runtime.base, signing_key)
     folder = tmp_path / "val" / "ant"
     folder.mkdir(parents=True)
     Image.new("RGB", (SIZE, SIZE), (1, 2, 3)).save(folder / "good.png")
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
-    result = subprocess.run([KM_EDGE, "eval", "--pack", path, tmp_path / "val", "--base", base_dir,
+    result = subprocess.run([KM_EDGE, "eval", "--pack", path, tmp_path / "val", "--base", tiny_base_dir,
                              "--pubkey", key_dir / "signing.pub"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "on 1 images" in result.stdout

@@ -21,7 +21,7 @@ from PIL import Image
 
 from device_runtime.errors import ImageError
 from device_runtime.limits import MAX_IMAGE_PIXELS, MAX_SIDE
-from device_runtime.preprocess import INTERPOLATIONS, check_spec, load_image, preprocess, to_rgb
+from device_runtime.preprocess import RESAMPLE_FILTERS, check_spec, load_image, preprocess, to_rgb
 
 SPEC = {"resize": 36, "crop": 32, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3],
         "interpolation": "bilinear"}
@@ -134,7 +134,7 @@ def test_float_image_with_nan_is_an_image_error(tmp_path):
         load_image(path)
 
 
-@pytest.mark.parametrize("interpolation", sorted(INTERPOLATIONS))
+@pytest.mark.parametrize("interpolation", sorted(RESAMPLE_FILTERS))
 @pytest.mark.parametrize("size", [(53, 37), (37, 53), (100, 100), (36, 90)])
 def test_crop_before_scaling_matches_resize_then_crop(interpolation, size):
     """The box resample equals the old transform (resize the shorter side, then centre crop)."""
@@ -147,7 +147,7 @@ def test_crop_before_scaling_matches_resize_then_crop(interpolation, size):
     resize = spec["resize"]
     scaled = ((resize, int(round(height * resize / width))) if width <= height
               else (int(round(width * resize / height)), resize))
-    old = image.resize(scaled, INTERPOLATIONS[interpolation]) if scaled != image.size else image
+    old = image.resize(scaled, RESAMPLE_FILTERS[interpolation]) if scaled != image.size else image
     top, left = int(round((old.size[1] - 32) / 2.0)), int(round((old.size[0] - 32) / 2.0))
     old = np.asarray(old.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255.0
     old = ((old - spec["mean"]) / spec["std"]).transpose(2, 0, 1)

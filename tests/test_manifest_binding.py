@@ -25,22 +25,15 @@ from device_runtime.basefiles import Base, manifest_identity_bytes
 from device_runtime.errors import BaseError, BaseMismatchError
 from device_runtime.runtime import Runtime
 
-from test_device_runtime import SIZE, export, make_pack
+from test_device_runtime import SIZE, make_pack
 
 KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
 
 
-@pytest.fixture(scope="module")
-def original(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base")
-    export(out)
-    return out
-
-
 @pytest.fixture()
-def base(original, tmp_path) -> Path:
+def base(tiny_base_dir, tmp_path) -> Path:
     copy = tmp_path / "base"
-    shutil.copytree(original, copy)
+    shutil.copytree(tiny_base_dir, copy)
     return copy
 
 
@@ -79,10 +72,10 @@ def test_any_manifest_edit_is_refused(base, change):
 
 
 @pytest.mark.parametrize("change", [swap_conv_offsets, point_at_other_initializer])
-def test_manifest_edit_with_base_id_recomputed_fits_no_existing_pack(base, original, signing_key, tmp_path,
+def test_manifest_edit_with_base_id_recomputed_fits_no_existing_pack(base, tiny_base_dir, signing_key, tmp_path,
                                                                     change):
     trusted = {keys.key_id(signing_key): signing_key.public_key()}
-    pack = make_pack(tmp_path / "p.kmp", Base.open(original), signing_key)
+    pack = make_pack(tmp_path / "p.kmp", Base.open(tiny_base_dir), signing_key)
     edit(base, change, rehash=True)
     runtime = Runtime(base, trusted)  # consistent in itself, so it opens ...
     with pytest.raises(BaseMismatchError):

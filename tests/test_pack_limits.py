@@ -179,6 +179,42 @@ def test_lora_pack_with_a_modulator_is_refused(lora_pack_body, km_body):
     refused(resign(dict(lora_pack_body, modulator=km_body["modulator"])), PackLimitError)
 
 
+def _accepted(call) -> bool:
+    try:
+        call()
+    except (PackError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("field, value, accepted", [
+    ("mean", [10.0, 0.5, 0.5], True), ("mean", [-10.5, 0.5, 0.5], False),
+    ("std", [10.0, 0.25, 0.25], True), ("std", [10.5, 0.25, 0.25], False), ("std", [0.0009, 0.25, 0.25], False),
+    ("resize", 4096, True), ("resize", 4097, False),
+    ("interpolation", "bicubic", True), ("interpolation", "lanczos", False),
+])
+def test_a_pack_and_a_base_manifest_follow_one_preprocessing_rule(km_body, field, value, accepted):
+    """The bounds are written once (device_runtime.limits): what a pack may carry, a base may too."""
+    from device_runtime.preprocess import check_spec
+
+    body = msgpack.unpackb(msgpack.packb(km_body, use_bin_type=True), raw=False)
+    body["preprocess"][field] = value
+    assert _accepted(lambda: read_pack(resign(body), TRUSTED, now=NOW)) is accepted
+    assert _accepted(lambda: check_spec(body["preprocess"])) is accepted
+
+
+@pytest.mark.parametrize("name, accepted", [
+    ("a" * 64, True), ("a" * 65, False), ("birds.v2_x-1", True), ("-birds", False), (".birds", False),
+    ("bird s", False), ("vögel", False),
+])
+def test_a_pack_and_the_host_follow_one_task_name_rule(km_body, name, accepted):
+    """`km-edge train --task NAME` and a pack's task: the same rule (device_runtime.text)."""
+    from device_runtime.text import check_task_name
+
+    assert _accepted(lambda: read_pack(resign(dict(km_body, task=name)), TRUSTED, now=NOW)) is accepted
+    assert _accepted(lambda: check_task_name(name)) is accepted
+
+
 def test_the_writer_refuses_the_same_values_with_the_same_message():
     """One validator: build_pack refuses a hostile value with the reader's own sentence."""
     body = make_body()

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from test_device_runtime import export, make_pack, random_images
+from test_device_runtime import device_folder, make_pack, random_images
 
 from device_runtime.backends import ORT_PROVIDERS, ProviderConfig, make_backend, resolve_provider
 from device_runtime.errors import KmEdgeError, ProviderError
-from device_runtime.keys import generate_keypair, load_private_key, load_trusted_keys
+from device_runtime.keys import load_trusted_keys
 from device_runtime.runtime import Runtime
 
 KM_EDGE = str(Path(sys.executable).with_name("km-edge"))
@@ -31,12 +31,7 @@ HAS_TENSORRT = "TensorrtExecutionProvider" in AVAILABLE
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("providers")
-    export(root / "base")
-    generate_keypair(root / "keys")
-    key = load_private_key(root / "keys" / "signing.key")
-    from device_runtime.basefiles import Base
-
-    pack = make_pack(root / "task.kmp", Base.open(root / "base"), key)
+    pack = make_pack(root / "task.kmp", *device_folder(root))
     images = []
     from PIL import Image
 

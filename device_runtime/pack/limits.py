@@ -8,6 +8,12 @@ writer's side and the reader's side alike.
 
 from __future__ import annotations
 
+# Facts a pack shares with the rest of the device, owned there and listed here with the others: the
+# task-name rule (text.py, also the host's rule for --task) and the preprocessing bounds
+# (device_runtime/limits.py, also a base manifest's).
+from ..limits import INTERPOLATIONS, MAX_SIDE, MEAN_RANGE, STD_RANGE  # noqa: F401 (re-exported)
+from ..text import TASK_NAME_MAX, TASK_NAME_PATTERN  # noqa: F401 (re-exported)
+
 MAGIC = "km-edge-pack"
 FORMAT_VERSION = 2
 SIGNATURE_BYTES = 64
@@ -16,8 +22,6 @@ SIGNATURE_BYTES = 64
 MAX_PACK_BYTES = 512 * 2**20
 
 # --- strings --------------------------------------------------------------------------------
-# task names become file names on the host and appear in messages: a safe charset, no separators
-TASK_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 # layer names are torch module paths, as in the base manifest
 LAYER_NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,255}"
 MAX_LABEL_CHARS = 128
@@ -46,12 +50,6 @@ MAX_LORA_RANK = 1024
 # float32 (5e-324 is 0.0 there: division by zero).
 KM_SCALE_RANGE = (1e-12, 1e6)
 LORA_SCALE_RANGE = (1e-6, 1e4)  # alpha / rank, > 0
-
-# --- preprocessing --------------------------------------------------------------------------
-MAX_RESIZE = 4096  # pixels, shorter side after resize; crop <= resize
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-MEAN_RANGE = (-10.0, 10.0)  # per channel, in [0, 1] pixel units
-STD_RANGE = (1e-3, 10.0)
 
 # --- time -----------------------------------------------------------------------------------
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # created, expires, key windows: UTC, whole seconds

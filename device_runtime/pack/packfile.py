@@ -17,7 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import ExpiredPackError, MalformedPackError, PackError, PackLimitError
-from ..files import write_atomic
+from ..files import read_bounded, write_atomic
 from ..keys import key_id
 from .codec import format_time, one_line, pack_canonical, show, unpack
 from .envelope import Envelope
@@ -61,20 +61,8 @@ def read_pack(
 
 def read_pack_file(path: str | os.PathLike, label: str | None = None) -> bytes:
     """A pack file's bytes, refused unread when it is too large, missing or not a file."""
-    path = Path(path)
-    label = label or path.name
-    try:
-        with open(path, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size > MAX_PACK_BYTES:  # refused unread
-                raise MalformedPackError(f"{label}: larger than {MAX_PACK_BYTES // 2**20} MiB, not a km-edge pack")
-            # One byte past the limit, so an endless special file is refused, not read forever.
-            return handle.read(MAX_PACK_BYTES + 1)
-    except FileNotFoundError:
-        raise MalformedPackError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise MalformedPackError(f"{label}: is a directory, not a pack") from None
-    except OSError as exc:
-        raise MalformedPackError(f"{label}: cannot read ({one_line(exc.strerror or str(exc))})") from None
+    return read_bounded(path, MAX_PACK_BYTES, MalformedPackError, "km-edge pack", missing="no such file",
+                        label=label or Path(path).name)
 
 
 def parse_body(payload: bytes, n_bytes: int = 0) -> Pack:

@@ -35,13 +35,14 @@ from .limits import (
     MAX_LABELS,
     MAX_LAYERS,
     MAX_LORA_RANK,
-    MAX_RESIZE,
+    MAX_SIDE,
     MAX_TENSORS,
     MAX_TEXT_CHARS,
     MAX_VECTOR,
     MEAN_RANGE,
     STD_RANGE,
     STORAGE_DTYPES,
+    TASK_NAME_MAX,
     TASK_NAME_PATTERN,
 )
 from .tensors import DTYPES, TensorEntry, decode_tensors, encode_tensors
@@ -213,7 +214,7 @@ def check_preprocess(value) -> dict:
     if not isinstance(value, Mapping) or set(value) != set(PREPROCESS_FIELDS):
         got = sorted(map(show, value)) if isinstance(value, Mapping) else show(value)
         raise PackLimitError(f"preprocess must have exactly {list(PREPROCESS_FIELDS)}, got {got}")
-    resize = check_int(value["resize"], "preprocess resize", 1, MAX_RESIZE)
+    resize = check_int(value["resize"], "preprocess resize", 1, MAX_SIDE)
     crop = check_int(value["crop"], "preprocess crop", 1, resize)
     spec = {"crop": crop, "interpolation": value["interpolation"], "resize": resize}
     for name, (low, high) in (("mean", MEAN_RANGE), ("std", STD_RANGE)):
@@ -306,7 +307,7 @@ class Pack:
             raise MalformedPackError(f"body format_version must be {FORMAT_VERSION}, got {show(self.format_version)}")
         if not isinstance(self.key_id, str) or not _KEY_ID.fullmatch(self.key_id):
             raise MalformedPackError(f"key_id must be 16 lowercase hex characters, got {show(self.key_id)}")
-        check_text(self.task, "task", 64, TASK_NAME_PATTERN)
+        check_text(self.task, "task", TASK_NAME_MAX, TASK_NAME_PATTERN)
         check_int(self.pack_version, "pack_version", 1, 2**63 - 1)
         created = parse_time(self.created, "created")
         if self.expires is not None and parse_time(self.expires, "expires") <= created:
