@@ -74,7 +74,8 @@ class RollbackState:
                 f"{label}: pack version {pack.pack_version} of task {pack.task!r} is older than "
                 f"version {recorded} this device already accepted from key {pack.key_id} "
                 f"(state file {self.path}); to roll back on purpose, sign the old content as "
-                f"version {recorded + 1} or higher"
+                f"version {recorded + 1} or higher (on the host: `km-edge pack --task {pack.task} "
+                f"--version {recorded + 1}`)"
             )
 
     # --- writing ----------------------------------------------------------------------------

@@ -102,6 +102,8 @@ class Settings:
         raise ConfigError(
             f"task {name!r} is not in {CONFIG_FILE} and {data_dir} does not exist"
             + (f"; known tasks: {', '.join(known)}" if known else "")
+            + f"; add a [tasks.{name}] table with its data folder to {CONFIG_FILE}, or put its images in "
+            f"{data_dir}/train/<class>/"
         )
 
     def train_options(self, task: str | None = None, **overrides) -> dict:

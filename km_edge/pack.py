@@ -40,8 +40,9 @@ def pack_body(checkpoint: dict, base_files: Base, pack_version: int) -> dict:
     manifest = base_files.manifest
     if manifest.get("base_fingerprint") != checkpoint["base"]["fingerprint"]:
         raise BaseMismatchError(
-            f"checkpoint for task {checkpoint['task']!r} was trained on another base than {base_files.graph_path.parent} "
-            "(re-export the base or retrain the task)"
+            f"{base_files.graph_path.parent}: the checkpoint of task {checkpoint['task']!r} was trained on another "
+            "base; export this project's base again (`km-edge export-base`) or retrain the task "
+            f"(`km-edge pack --task {checkpoint['task']} --retrain`)"
         )
     model, _, config = restore_task_model(checkpoint)
     tensors = task_tensors(model, config)
