@@ -9,7 +9,7 @@ class, it is written once, as the class's ``remedy``: the CLI appends it to a me
 already name a flag, an environment variable or a command (:func:`with_remedy`).
 """
 
-REMEDY_MARKERS = ("--", "KM_EDGE_", "km-edge ")
+REMEDY_MARKERS = ("--", "KM_EDGE_", "`km-edge ")  # a flag, a variable, a `command`
 
 
 class KmEdgeError(Exception):
@@ -142,7 +142,8 @@ class ImageError(KmEdgeError):
 class DataError(KmEdgeError):
     """A dataset folder is missing, empty or malformed."""
 
-    remedy = "lay the images out as DIR/train/<class>/<image> (`km-edge demo-data DIR` writes an example)"
+    remedy = ("an image folder holds one subfolder of images per class, DIR/<class>/<image>; a task's data "
+              "folder holds train/ (and val/, test/) such folders (`km-edge demo-data DIR` writes examples)")
 
 
 class StateError(KmEdgeError):
@@ -158,7 +159,6 @@ class ConfigError(KmEdgeError):
 class OutputError(KmEdgeError):
     """An output file or folder cannot be written (permissions, a file in the way, disk full)."""
 
-    remedy = "choose another path with --out, or fix the folder's permissions"
 
 
 class CheckpointError(KmEdgeError):

@@ -115,9 +115,10 @@ class RollbackState:
 
     def _corrupt(self, reason: str) -> StateError:
         return StateError(
-            f"anti-rollback state file {self.path} is corrupt ({reason}); km-edge never resets it "
+            f"anti-rollback state file {self.path} is corrupt ({reason}); it is never reset "
             "silently: restore it from a backup, or delete it deliberately to forget every recorded "
-            "version (see README, 'Rolling back on purpose')"
+            f"version (see README, 'Rolling back on purpose'), or point --state (or {STATE_ENV}) at "
+            "the right file"
         )
 
     def _read(self) -> dict[str, dict[str, int]]:

@@ -89,8 +89,8 @@ class Settings:
         """
         try:
             check_task_name(name)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        except ValueError as exc:  # the name came from --task
+            raise ConfigError(f"--task: {exc}") from None
         if name in self.tasks:
             task = dict(self.tasks[name])
             task["data"] = str(self.root / task.get("data", f"{self.paths.get('data', 'data')}/{name}"))

@@ -536,8 +536,8 @@ def _download_weights(spec: Arch, weights: str, full_model) -> dict:
         return _timm_preprocess(pretrained)
     choices = [*spec.packaged, TIMM_PRETRAINED] if spec.family == "timm" else list(spec.packaged)
     raise ConfigError(f"weights {weights!r}: no such file, and {spec.name} has no weights of that name"
-                      + (f" (choose {', '.join(choices)}, a local .pth or none)" if choices else
-                         " (choose a local .pth or none)"))
+                      + (f"; pass --weights {', '.join(choices)}, a local .pth or none" if choices else
+                         "; pass --weights with a local .pth or none"))
 
 
 def _named_hint(spec: Arch) -> str:

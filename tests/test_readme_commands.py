@@ -193,3 +193,22 @@ def test_every_readme_command_runs_on_the_demo(tmp_path):
             made = tmp_path / f"scratch-{index}" / "cars"
             assert (made / "km-edge.toml").is_file() and (made / "keys" / "signing.key").is_file()
             assert not (made / "bases").exists()
+
+
+def test_max_steps_past_the_epochs_reports_the_passes_it_made(tmp_path):
+    """README: `--max-steps` trains exactly that many steps, overriding `--epochs`, and the report's
+    `epochs` is the passes actually made (it printed the configured epochs before)."""
+    from km_edge.demodata import write_demo_data
+    from km_edge.options import TRAIN_DEFAULTS
+    from km_edge.train import train_task
+
+    write_demo_data(tmp_path / "data", seed=0, scale=0.2, progress=False)
+    options = dict(TRAIN_DEFAULTS, epochs=1, batch_size=8, device="cpu")
+    first = train_task("letters", tmp_path / "data" / "letters", {"arch": "demo", "input_size": 32}, options,
+                       tmp_path / "one.pt", progress=False)
+    per_epoch = first["steps"]
+    assert first["epochs"] == 1 and per_epoch >= 1
+    longer = train_task("letters", tmp_path / "data" / "letters", {"arch": "demo", "input_size": 32},
+                        dict(options, max_steps=per_epoch + 1), tmp_path / "two.pt", progress=False)
+    assert longer["steps"] == per_epoch + 1
+    assert longer["epochs"] == 2
