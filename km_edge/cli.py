@@ -38,7 +38,7 @@ def _emit(data, as_json: bool, text: str | None = None) -> None:
 
 
 def command(group, *args, **kwargs):
-    """A click command with ``--json`` and the error policy of DESIGN.md."""
+    """A click command with ``--json`` and the error policy of docs/DESIGN.md §6 (exit codes, one line)."""
 
     def decorate(func):
         @functools.wraps(func)
