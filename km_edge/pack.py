@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from device_runtime.basefiles import Base
-from device_runtime.errors import BaseMismatchError, CheckpointError
+from device_runtime.errors import BaseMismatchError, CheckpointError, PackLimitError
 from device_runtime.keys import load_private_key
 from device_runtime.limits import check_rebuild_budget
 from device_runtime.pack import BN_TENSORS, BnEntry, build_pack, write_pack
@@ -73,7 +73,11 @@ def write_task_pack(
     base_files = Base.open(base_dir, verify=True)
     body = {**pack_body(checkpoint, base_files, pack_version), "expires": expires}
     # refuse here what every device would refuse (modulators too big for the base)
-    check_rebuild_budget(Path(out_path).name, body["layers"], base_files.conv_shapes)
+    try:
+        check_rebuild_budget(Path(out_path).name, body["layers"], base_files.conv_shapes)
+    except PackLimitError as exc:
+        raise PackLimitError(f"{exc}; train smaller adapters (--kernel-hidden, --channel-hidden or "
+                             "--lora-rank) with --retrain") from None
     data = build_pack(body, load_private_key(signing_key), storage_dtype=storage_dtype)
     write_pack(out_path, data)
     total = int(base_files.manifest["graph_bytes"]) + int(base_files.manifest["weights_bytes"])

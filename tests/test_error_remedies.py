@@ -330,6 +330,19 @@ def case_checkpoint_that_is_not_one(world):
     return project, ["pack", "--task", "birds"], ["birds.pt", "not a km-edge checkpoint", "`km-edge train"]
 
 
+def case_modulators_too_big_for_the_base(world):
+    """`pack` refuses, on the host, modulators every device would refuse (hidden > 16 x d)."""
+    from km_edge.demodata import write_demo_data
+
+    project = _host_project(world, "too-big", keys=True, data=False,
+                            toml='[train]\ndevice = "cpu"\nbatch_size = 8\nmax_steps = 1\n')
+    write_demo_data(project / "demo", seed=0, scale=0.2)
+    shutil.copytree(project / "demo" / "letters", project / "data" / "birds")
+    run_cli("export-base", cwd=project, check=True)
+    return project, ["pack", "--task", "birds", "--kernel-hidden", "200"], \
+        ["birds.kmp", "hidden size 200", "--kernel-hidden", "--retrain"]
+
+
 def case_unknown_architecture(world):
     project = _host_project(world, "arch")
     return project, ["export-base", "--arch", "nosuchnet"], ["nosuchnet", "choose one of", "demo"]
@@ -354,7 +367,8 @@ NO_COMMAND_REMEDY = {
 
 # cases whose command imports torch (host commands that build or pack): seconds each, so slow
 TORCH_CASES = {"unknown_task", "bad_expiry_time", "unreadable_previous_pack", "checkpoint_for_another_base",
-               "checkpoint_that_is_not_one", "unknown_architecture", "unknown_weights"}
+               "checkpoint_that_is_not_one", "unknown_architecture", "unknown_weights",
+               "modulators_too_big_for_the_base"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in TORCH_CASES else n
