@@ -73,7 +73,8 @@ class UntrustedKeyError(PackError):
 class RevokedKeyError(UntrustedKeyError):
     """The pack's signing key is on the device's revocation list."""
 
-    remedy = "sign the pack again on the host with a key that is not revoked: `km-edge pack --task TASK --key NAME`"
+    remedy = ("sign the pack again on the host with a key that is not revoked: "
+              "`km-edge pack --task TASK --key NAME`")
 
 
 class KeyWindowError(UntrustedKeyError):
@@ -101,7 +102,8 @@ class ShapeMismatchError(PackError):
 class DowngradeError(PackError):
     """A pack older than one already loaded for the same task."""
 
-    remedy = "use the newest pack of the task, or pack it on the host with a higher version: `km-edge pack --task TASK --version N`"
+    remedy = ("use the newest pack of the task, or pack it on the host with a higher version: "
+              "`km-edge pack --task TASK --version N`")
 
 
 class RollbackError(DowngradeError):
@@ -158,7 +160,6 @@ class ConfigError(KmEdgeError):
 
 class OutputError(KmEdgeError):
     """An output file or folder cannot be written (permissions, a file in the way, disk full)."""
-
 
 
 class CheckpointError(KmEdgeError):
