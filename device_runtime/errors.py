@@ -3,11 +3,29 @@
 The CLI catches `KmEdgeError` and prints its message as one line with exit code 2 (bad input);
 anything else escaping is an internal failure (exit 1). Subclasses name the exact refusal so tests
 and callers can tell a tampered pack from a pack for another base.
+
+A message names the file or value it refuses. Where the way out is the same for every message of a
+class, it is written once, as the class's ``remedy``: the CLI appends it to a message that does not
+already name a flag, an environment variable or a command (:func:`with_remedy`).
 """
+
+REMEDY_MARKERS = ("--", "KM_EDGE_", "`km-edge ")  # a flag, a variable, a `command`
 
 
 class KmEdgeError(Exception):
     """Base of every error caused by the user's input (files, flags, data)."""
+
+    remedy = ""  # the way out shared by every message of the class ("" where each message says its own)
+
+
+def with_remedy(exc: KmEdgeError) -> str:
+    """``exc``'s message, followed by its class's remedy unless the message already names a flag, an
+    environment variable or a command (one of ``REMEDY_MARKERS``)."""
+    message = str(exc)
+    remedy = getattr(exc, "remedy", "")
+    if remedy and not any(marker in message for marker in REMEDY_MARKERS):
+        message = f"{message}; {remedy}"
+    return message
 
 
 # --- task packs -----------------------------------------------------------------------------
@@ -17,6 +35,8 @@ class PackError(KmEdgeError):
 
 class MalformedPackError(PackError):
     """Not a pack at all: empty, truncated, not msgpack, wrong magic or missing fields."""
+
+    remedy = "copy the pack from the host again, or rebuild it there with `km-edge pack --task TASK`"
 
 
 class PackLimitError(MalformedPackError):
@@ -28,38 +48,62 @@ class PackLimitError(MalformedPackError):
 class ExpiredPackError(PackError):
     """The pack's own ``expires`` time has passed."""
 
+    remedy = "make a new pack on the host: `km-edge pack --task TASK` (with a later --expires, or none)"
+
 
 class UnknownFormatError(PackError):
     """The pack declares a format version this runtime does not read."""
+
+    remedy = "rebuild it on the host with this version: `km-edge pack --task TASK`"
 
 
 class BadSignatureError(PackError):
     """The Ed25519 signature does not match the pack's bytes (tampered or corrupt)."""
 
+    remedy = "copy the pack from the host again, or rebuild it there with `km-edge pack --task TASK`"
+
 
 class UntrustedKeyError(PackError):
     """The pack was signed by a key that is not among the trusted public keys."""
 
+    remedy = ("trust the signer's public key here with --pubkey FILE (or KM_EDGE_PUBKEY) or a trust file "
+              "(--trust), or sign the pack on the host with a trusted key: `km-edge pack --task TASK --key NAME`")
+
 
 class RevokedKeyError(UntrustedKeyError):
     """The pack's signing key is on the device's revocation list."""
+
+    remedy = ("sign the pack again on the host with a key that is not revoked: "
+              "`km-edge pack --task TASK --key NAME`")
 
 
 class KeyWindowError(UntrustedKeyError):
     """The signing key is trusted only in a window (not_before, expires) that excludes now or the
     pack's creation time."""
 
+    remedy = ("sign the pack again with a key valid now (`km-edge pack --task TASK --key NAME`), or correct the "
+              "window in the trust file (--trust) or this device's clock")
+
 
 class BaseMismatchError(PackError):
     """The pack was made for another frozen base (its base_id differs)."""
+
+    remedy = ("point --base (or KM_EDGE_BASE) at the base the pack was made for, or pack the task for this "
+              "base on the host: `km-edge pack --task TASK --retrain`")
 
 
 class ShapeMismatchError(PackError):
     """A tensor or layer in the pack disagrees with the base manifest."""
 
+    remedy = ("the pack does not fit this base: point --base (or KM_EDGE_BASE) at the base it was made for, or "
+              "pack the task for this base on the host: `km-edge pack --task TASK --retrain`")
+
 
 class DowngradeError(PackError):
     """A pack older than one already loaded for the same task."""
+
+    remedy = ("use the newest pack of the task, or pack it on the host with a higher version: "
+              "`km-edge pack --task TASK --version N`")
 
 
 class RollbackError(DowngradeError):
@@ -69,18 +113,28 @@ class RollbackError(DowngradeError):
 class NotNewerError(PackError):
     """A hot update whose version is not above the version being served (equal or older)."""
 
+    remedy = "pack the task on the host with a higher version: `km-edge pack --task TASK --version N`"
+
 
 class NonFiniteError(PackError):
     """A pack's rebuilt kernels or its scores are not finite (NaN or infinity)."""
+
+    remedy = "train the task again on the host: `km-edge pack --task TASK --retrain`"
 
 
 # --- bases, keys, images, data, config ------------------------------------------------------
 class BaseError(KmEdgeError):
     """The exported base directory is missing, incomplete or inconsistent."""
 
+    remedy = ("export the base on the host with `km-edge export-base`, copy the whole base/ folder here, and "
+              "point --base (or KM_EDGE_BASE) at it")
+
 
 class KeyFileError(KmEdgeError):
     """A signing or public key file is missing, unreadable or would be overwritten."""
+
+    remedy = ("make a key pair on the host with `km-edge keygen`; a device trusts its .pub file (--pubkey or "
+              "KM_EDGE_PUBKEY) or a trust file (--trust)")
 
 
 class ImageError(KmEdgeError):
@@ -90,9 +144,14 @@ class ImageError(KmEdgeError):
 class DataError(KmEdgeError):
     """A dataset folder is missing, empty or malformed."""
 
+    remedy = ("an image folder holds one subfolder of images per class, DIR/<class>/<image>; a task's data "
+              "folder holds train/ (and val/, test/) such folders (`km-edge demo-data DIR` writes examples)")
+
 
 class StateError(KmEdgeError):
     """The device's anti-rollback state file is unreadable, corrupt or cannot be written."""
+
+    remedy = "point --state (or KM_EDGE_STATE) at the right state file"
 
 
 class ConfigError(KmEdgeError):
@@ -106,6 +165,10 @@ class OutputError(KmEdgeError):
 class CheckpointError(KmEdgeError):
     """A task checkpoint or base weights file is missing or does not fit the model."""
 
+    remedy = "train the task again: `km-edge train --task TASK`"
+
 
 class ProviderError(KmEdgeError):
     """An onnxruntime execution provider (cuda, tensorrt) was asked for but cannot run here."""
+
+    remedy = "run on the CPU with --provider cpu (or KM_EDGE_PROVIDER=cpu)"

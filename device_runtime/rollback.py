@@ -74,7 +74,8 @@ class RollbackState:
                 f"{label}: pack version {pack.pack_version} of task {pack.task!r} is older than "
                 f"version {recorded} this device already accepted from key {pack.key_id} "
                 f"(state file {self.path}); to roll back on purpose, sign the old content as "
-                f"version {recorded + 1} or higher"
+                f"version {recorded + 1} or higher (on the host: `km-edge pack --task {pack.task} "
+                f"--version {recorded + 1}`)"
             )
 
     # --- writing ----------------------------------------------------------------------------
@@ -114,9 +115,10 @@ class RollbackState:
 
     def _corrupt(self, reason: str) -> StateError:
         return StateError(
-            f"anti-rollback state file {self.path} is corrupt ({reason}); km-edge never resets it "
+            f"anti-rollback state file {self.path} is corrupt ({reason}); it is never reset "
             "silently: restore it from a backup, or delete it deliberately to forget every recorded "
-            "version (see README, 'Rolling back on purpose')"
+            f"version (see README, 'Rolling back on purpose'), or point --state (or {STATE_ENV}) at "
+            "the right file"
         )
 
     def _read(self) -> dict[str, dict[str, int]]:

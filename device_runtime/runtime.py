@@ -335,8 +335,8 @@ class Runtime:
     def _check_base(self, path: Path, pack) -> None:
         if pack.base_id != self.base.base_id:
             raise BaseMismatchError(
-                f"pack {path.name} was made for base {_short(pack.base_id)}, "
-                f"this base is {_short(self.base.base_id)}"
+                f"{path.name}: pack was made for base {_short(pack.base_id)}, "
+                f"this base is {_short(self.base.base_id)} ({self.base.base_dir})"
             )
 
     def _check_preprocess(self, path: Path, pack) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from device_runtime.errors import ConfigError, KmEdgeError, NonFiniteError, OutputError
+from device_runtime.errors import ConfigError, KmEdgeError, NonFiniteError, OutputError, with_remedy
 from device_runtime.text import MESSAGE_LIMIT, printable
 
 from .options import BASE, META, TRAIN
@@ -88,7 +88,7 @@ def _emit(data, as_json: bool, text: str | None = None) -> None:
 
 
 def command(group, *args, **kwargs):
-    """A click command with ``--json`` and the error policy of DESIGN.md."""
+    """A click command with ``--json`` and the error policy of docs/DESIGN.md §6 (exit codes, one line)."""
 
     def decorate(func):
         @functools.wraps(func)
@@ -97,7 +97,7 @@ def command(group, *args, **kwargs):
             try:
                 return func(*a, **kw)
             except KmEdgeError as exc:
-                _fail(str(exc), EXIT_BAD_INPUT, as_json)
+                _fail(with_remedy(exc), EXIT_BAD_INPUT, as_json)
             except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise
             except KeyboardInterrupt:
@@ -475,13 +475,13 @@ def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, key_name, exp
     if expires is not None:
         parse_time(expires, "--expires")  # a bad time is refused before any training
     checkpoint_path = settings.path("checkpoints") / f"{task}.pt"
+    out_path = Path(out_path) if out_path else settings.path("packs") / f"{task}.kmp"
+    private_key, _ = key_paths(settings.path("keys"), key_name)
+    if pack_version is None:  # before any training: an unreadable previous pack is refused first
+        pack_version = _next_pack_version(out_path, settings.path("keys"))
     trained = None
     if retrain or not checkpoint_path.exists():
         trained = _train(task, overrides, as_json)
-    out_path = Path(out_path) if out_path else settings.path("packs") / f"{task}.kmp"
-    private_key, public_key = key_paths(settings.path("keys"), key_name)
-    if pack_version is None:
-        pack_version = _next_pack_version(out_path, public_key)
     report = write_task_pack(load_checkpoint(checkpoint_path), settings.path("base"), private_key,
                              out_path, pack_version, {"fp32": "float32", "fp16": "float16"}[storage_dtype],
                              expires=expires)
@@ -520,19 +520,26 @@ def meta_train_cmd(data_dir, out_path, as_json, **overrides):
           f"(last 50 episodes) {report['final_query_accuracy']:.3f}; {report['seconds_per_episode']:.3f} s/episode")
 
 
-def _next_pack_version(path: Path, pubkey: Path) -> int:
-    """One more than the pack already at ``path`` (if it is ours and readable)."""
+def _next_pack_version(path: Path, keys_dir: Path) -> int:
+    """One more than the pack already at ``path``, verified with any public key in ``keys_dir``
+    (so a pack signed with a rotated-out key still counts); 1 when there is none. A previous pack
+    that cannot be read is refused, never silently restarted at 1: devices would refuse the new
+    pack as older than the one they have."""
     from datetime import datetime, timezone
 
     from device_runtime.pack import read_pack
     from device_runtime.pack.trust import load_trust
 
-    if not path.exists() or not pubkey.exists():
+    if not path.exists():
         return 1
     try:  # judged at the epoch: an expired predecessor still counts for the numbering
-        return read_pack(path, load_trust([pubkey]), now=datetime(1970, 1, 1, tzinfo=timezone.utc)).pack_version + 1
-    except KmEdgeError:
-        return 1
+        trusted = load_trust(sorted(keys_dir.glob("*.pub")))
+        return read_pack(path, trusted, now=datetime(1970, 1, 1, tzinfo=timezone.utc)).pack_version + 1
+    except KmEdgeError as exc:
+        raise ConfigError(
+            f"{path}: the previous pack cannot be read to number the next one ({exc}); pass --version N "
+            f"above every version your devices accepted, or move {path} away to start at 1"
+        ) from None
 
 
 # --- device commands ------------------------------------------------------------------------------

@@ -91,8 +91,8 @@ class Settings:
         """
         try:
             check_task_name(name)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        except ValueError as exc:  # the name came from --task
+            raise ConfigError(f"--task: {exc}") from None
         if name in self.tasks:
             task = dict(self.tasks[name])
             task["data"] = str(self.root / task.get("data", f"{self.paths.get('data', 'data')}/{name}"))
@@ -104,6 +104,8 @@ class Settings:
         raise ConfigError(
             f"task {name!r} is not in {CONFIG_FILE} and {data_dir} does not exist"
             + (f"; known tasks: {', '.join(known)}" if known else "")
+            + f"; add a [tasks.{name}] table with its data folder to {CONFIG_FILE}, or put its images in "
+            f"{data_dir}/train/<class>/"
         )
 
     def train_options(self, task: str | None = None, **overrides) -> dict:

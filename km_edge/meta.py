@@ -277,14 +277,14 @@ def load_meta_init(path: str | Path, fingerprint: str, config: MethodConfig) -> 
     adapters are attached) and this KM spec."""
     path = Path(path)
     document = load_torch_document(path, META_INIT_FORMAT, "meta-init",
-                                   "no meta-init file (make one with km-edge meta-train)")
+                                   "no meta-init file (make one with `km-edge meta-train`)")
     if document.get("version") != META_INIT_VERSION:
         raise CheckpointError(f"{path}: meta-init version {document.get('version')!r} is not {META_INIT_VERSION}")
     if config.method != "km":
         raise CheckpointError(f"{path}: a meta-init starts KM modulators; --method is {config.method!r}, not km")
     if fingerprint != document.get("base", {}).get("fingerprint"):
         raise CheckpointError(f"{path}: meta-init was learned on a different base (weights differ); "
-                              "run km-edge meta-train for this base")
+                              "run `km-edge meta-train` for this base")
     theirs = document.get("method_config", {}).get("modulator")
     if theirs != config.modulator.to_dict():
         raise CheckpointError(f"{path}: meta-init modulators are {theirs}, the task asks for "

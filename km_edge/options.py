@@ -90,7 +90,8 @@ def _FiniteFloatRange(**bounds):
 TRAIN = {
     "method": Setting(str, "km", choices=METHODS, help="Adaptation method (km, or a baseline)."),
     "epochs": Setting(int, 10, 1, 10_000, help="Passes over the training images."),
-    "max_steps": Setting(int, None, 1, 10_000_000, help="Stop after this many optimiser steps."),
+    "max_steps": Setting(int, None, 1, 10_000_000,
+                         help="Train exactly this many optimiser steps (overrides --epochs: fewer or more passes)."),
     "batch_size": Setting(int, 32, 1, 4096),
     "lr": Setting(float, None, 1e-8, 10.0, help="Learning rate of the adapters [per-method default]."),
     "head_lr": Setting(float, None, 1e-8, 10.0, help="Learning rate of the head [per-method default]."),

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from device_runtime.basefiles import Base
-from device_runtime.errors import BaseMismatchError, CheckpointError
+from device_runtime.errors import BaseMismatchError, CheckpointError, PackLimitError
 from device_runtime.keys import load_private_key
 from device_runtime.limits import check_rebuild_budget
 from device_runtime.pack import BN_TENSORS, BnEntry, build_pack, write_pack
@@ -43,8 +43,9 @@ def pack_body(checkpoint: dict, base_files: Base, pack_version: int) -> dict:
     manifest = base_files.manifest
     if manifest.get("base_fingerprint") != checkpoint["base"]["fingerprint"]:
         raise BaseMismatchError(
-            f"checkpoint for task {checkpoint['task']!r} was trained on another base than {base_files.graph_path.parent} "
-            "(re-export the base or retrain the task)"
+            f"{base_files.graph_path.parent}: the checkpoint of task {checkpoint['task']!r} was trained on another "
+            "base; export this project's base again (`km-edge export-base`) or retrain the task "
+            f"(`km-edge pack --task {checkpoint['task']} --retrain`)"
         )
     model, _, config = restore_task_model(checkpoint)
     tensors = task_tensors(model, config)
@@ -75,7 +76,11 @@ def write_task_pack(
     base_files = Base.open(base_dir, verify=True)
     body = {**pack_body(checkpoint, base_files, pack_version), "expires": expires}
     # refuse here what every device would refuse (modulators too big for the base)
-    check_rebuild_budget(Path(out_path).name, body["layers"], base_files.conv_shapes)
+    try:
+        check_rebuild_budget(Path(out_path).name, body["layers"], base_files.conv_shapes)
+    except PackLimitError as exc:
+        raise PackLimitError(f"{exc}; train smaller adapters (--kernel-hidden, --channel-hidden or "
+                             "--lora-rank) with --retrain") from None
     data = build_pack(body, load_private_key(signing_key), storage_dtype=storage_dtype)
     write_pack(out_path, data)
     log.debug("%s: task %s v%d, %d layers, %s, %d bytes, signed with %s", out_path, body["task"],

@@ -206,7 +206,7 @@ def train_task(
         "untrained_val_accuracy": untrained_accuracy,
         "best_epoch": result.best_epoch,
         **report,
-        "epochs": int(options["epochs"]),
+        "epochs": len(result.history),  # passes made: --max-steps may stop early or go past --epochs
         "steps": result.steps,
         "seconds_per_epoch": round(result.seconds_per_epoch, 3),
         "n_train": len(splits.train),

@@ -1,7 +1,7 @@
 """Bad input to the host commands: exit 2, one `km-edge: error:` line, no traceback, nothing written.
 
-DESIGN.md: "Bad input never crashes with a traceback and never leaves a half-written file". Each
-case runs in its own copy of a tiny project (random-init demo base, a two-class task of a few
+docs/DESIGN.md §8.3: "Bad input never crashes with a traceback and never leaves a half-written
+file". Each case runs in its own copy of a tiny project (random-init demo base, a two-class task of a few
 images), so no case sees another's leftovers and the shared demo project is never touched. After a
 refusal the project's files are exactly what they were before (no checkpoint, no *.tmp, no base).
 
