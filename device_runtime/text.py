@@ -43,6 +43,15 @@ def printable(value, limit: int = PRINT_LIMIT) -> str:
     return shown
 
 
+def exception_reason(exc: BaseException, limit: int = 160) -> str:
+    """``TYPE: message`` of an exception from a library, on one bounded line: the reason a load
+    failed, not only the kind (an UnpicklingError says which byte it choked on)."""
+    message = " ".join(str(getattr(exc, "reason", None) or exc).split())
+    if len(message) > limit:
+        message = message[:limit - 3] + "..."
+    return printable(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+
+
 def check_task_name(name) -> str:
     """``name`` if it is a safe task name, else ValueError saying the rule (callers re-raise it as
     their own error). A safe name has no path separator, is not ``.``/``..`` and cannot start with

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from device_runtime.errors import CheckpointError
+from device_runtime.text import exception_reason
 from device_runtime.files import write_atomic
 
 from .methods import MethodConfig, build_task_model, load_task_state
@@ -84,7 +85,7 @@ def load_torch_document(path: str | Path, document_format: str, what: str, missi
     try:
         document = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a km-edge {what} ({type(exc).__name__})")
+        raise CheckpointError(f"{path}: not a km-edge {what} ({exception_reason(exc)})")
     if not isinstance(document, dict) or document.get("format") != document_format:
         raise CheckpointError(f"{path}: not a km-edge {what}")
     return document
@@ -98,17 +99,20 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def restore_task_model(checkpoint: dict, base: BaseModel | None = None) -> tuple[TaskModel, BaseModel, MethodConfig]:
-    """Rebuild the trained task model from a checkpoint (base rebuilt from its recorded spec)."""
+def restore_task_model(checkpoint: dict, base: BaseModel | None = None,
+                       where: str | Path = "checkpoint") -> tuple[TaskModel, BaseModel, MethodConfig]:
+    """Rebuild the trained task model from a checkpoint (base rebuilt from its recorded spec);
+    ``where`` (the checkpoint's path) starts every refusal."""
+    retrain = f"retrain the task (`km-edge pack --task {checkpoint.get('task', 'TASK')} --retrain`)"
     spec = {k: checkpoint["base"].get(k) for k in BASE_SPEC_KEYS}
     base = base or build_base(**{k: v for k, v in spec.items() if v is not None})
     if base.fingerprint() != checkpoint["base"]["fingerprint"]:
-        raise CheckpointError("checkpoint was trained on a different base (weights differ)")
+        raise CheckpointError(f"{where}: checkpoint was trained on a different base (weights differ); {retrain}")
     config = MethodConfig(**checkpoint["method_config"])
     model = build_task_model(base, len(checkpoint["labels"]), config, 0)
     try:
         load_task_state(model, config, checkpoint["tensors"])
     except KeyError as exc:
-        raise CheckpointError(str(exc))
+        raise CheckpointError(f"{where}: {exc.args[0]}; {retrain}") from None
     model.eval()
     return model, base, config

@@ -484,7 +484,7 @@ def pack_cmd(task, pack_version, storage_dtype, out_path, retrain, key_name, exp
         trained = _train(task, overrides, as_json)
     report = write_task_pack(load_checkpoint(checkpoint_path), settings.path("base"), private_key,
                              out_path, pack_version, {"fp32": "float32", "fp16": "float16"}[storage_dtype],
-                             expires=expires)
+                             expires=expires, source=checkpoint_path)
     if trained:
         report["trained"] = trained
     _emit(report, as_json,

@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 from device_runtime.errors import CheckpointError, ConfigError, KmEdgeError
+from device_runtime.text import exception_reason
 from device_runtime.limits import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 from .config import random_base_name
@@ -572,9 +573,7 @@ def _fetch(what: str, fetch: Callable):
     except KmEdgeError:
         raise
     except Exception as exc:  # urllib, requests, huggingface_hub and torch each raise their own kinds
-        reason = " ".join(str(getattr(exc, "reason", None) or exc).split()) or type(exc).__name__
-        reason = reason if len(reason) <= 160 else reason[:157] + "..."
-        raise ConfigError(f"could not download {what} ({type(exc).__name__}: {reason}); {OFFLINE_HINT}") from None
+        raise ConfigError(f"could not download {what} ({exception_reason(exc)}); {OFFLINE_HINT}") from None
 
 
 def _read_base_file(path: str) -> dict:
@@ -585,7 +584,8 @@ def _read_base_file(path: str) -> dict:
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
-        raise CheckpointError(f"{path}: not a torch state_dict ({type(exc).__name__})")
+        raise CheckpointError(f"{path}: not a torch state_dict ({exception_reason(exc)}); "
+                              "pass --weights with a .pth saved by torch.save(model.state_dict()), a weights name, or none")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: not a state_dict")
     return saved

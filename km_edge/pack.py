@@ -33,7 +33,7 @@ def task_tensors(model, config) -> dict:
     return {"layers": layers, "head": head, "bn": bn}
 
 
-def pack_body(checkpoint: dict, base_files: Base, pack_version: int) -> dict:
+def pack_body(checkpoint: dict, base_files: Base, pack_version: int, source: str | Path = "checkpoint") -> dict:
     """The pack's content (tensors as numpy arrays), checked against the exported base."""
     if checkpoint["method"] not in PACKABLE_METHODS:
         raise CheckpointError(
@@ -47,7 +47,7 @@ def pack_body(checkpoint: dict, base_files: Base, pack_version: int) -> dict:
             "base; export this project's base again (`km-edge export-base`) or retrain the task "
             f"(`km-edge pack --task {checkpoint['task']} --retrain`)"
         )
-    model, _, config = restore_task_model(checkpoint)
+    model, _, config = restore_task_model(checkpoint, where=source)
     tensors = task_tensors(model, config)
     return {
         "task": checkpoint["task"],
@@ -71,10 +71,12 @@ def write_task_pack(
     pack_version: int = 1,
     storage_dtype: str = "float32",
     expires: str | None = None,
+    source: str | Path = "checkpoint",
 ) -> dict:
-    """Sign the checkpoint's pack (valid until ``expires``, a UTC time, if given) and write it."""
+    """Sign the checkpoint's pack (valid until ``expires``, a UTC time, if given) and write it;
+    ``source``: the checkpoint's path, named in refusals."""
     base_files = Base.open(base_dir, verify=True)
-    body = {**pack_body(checkpoint, base_files, pack_version), "expires": expires}
+    body = {**pack_body(checkpoint, base_files, pack_version, source), "expires": expires}
     # refuse here what every device would refuse (modulators too big for the base)
     try:
         check_rebuild_budget(Path(out_path).name, body["layers"], base_files.conv_shapes)

@@ -81,3 +81,24 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_naming_it(tmp_path, content)
 def test_missing_checkpoint_says_to_train_first(tmp_path):
     with pytest.raises(CheckpointError, match=r"nope\.pt: no checkpoint \(train the task first\)"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_an_unreadable_checkpoint_says_why_not_only_the_exception_kind(tmp_path):
+    path = tmp_path / "x.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    message = str(refused.value)
+    # the exception's own words follow its kind, on one line
+    assert "x.pt: not a km-edge checkpoint (" in message and "Error: " in message and "\n" not in message
+
+
+def test_tensors_that_do_not_fit_are_refused_naming_the_checkpoint_and_the_way_out(tmp_path):
+    checkpoint, _ = trained_checkpoint(tmp_path)
+    tensors = dict(checkpoint["tensors"])
+    tensors.pop(sorted(tensors)[0])
+    with pytest.raises(CheckpointError) as refused:
+        restore_task_model({**checkpoint, "tensors": tensors}, where=tmp_path / "abc.pt")
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'abc.pt'}: task tensors do not fit the model: missing [")
+    assert "`km-edge pack --task abc --retrain`" in message and not message.startswith("'")
