@@ -731,7 +731,7 @@ def _read_token(path) -> bytes:
 @command(main, "serve")
 @with_options(device_options)
 @click.option("--packs", "packs_dir", type=click.Path(file_okay=False),
-              help="Folder of task packs, polled for updates [KM_EDGE_PACKS or ./packs].")
+              help="Folder of task packs, polled for updates [KM_EDGE_PACKS, km-edge.toml [paths] packs, ./packs].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: all).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--cache-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -775,7 +775,7 @@ def serve_cmd(base_dir, pubkeys, packs_dir, host, port, cache_size, provider, tr
     level = logging.getLevelName(log_level.upper()) if log_level else logging.getLogger("km_edge").getEffectiveLevel()
     configure_logging(level, timestamps=True)  # a long-running server: its lines say when
     log_level = logging.getLevelName(level).lower()  # uvicorn's own loggers follow the same level
-    packs = Path(packs_dir or os.environ.get("KM_EDGE_PACKS") or "packs")
+    packs = Path(packs_dir or os.environ.get("KM_EDGE_PACKS") or _settings().path("packs"))
     if not packs.is_dir():
         raise ConfigError(f"--packs {packs}: no such folder; create it or point --packs at your packs")
     token = _read_token(token_file) if token_file else None

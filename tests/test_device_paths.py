@@ -47,3 +47,17 @@ def test_environment_and_flags_come_before_km_edge_toml(moved_project):
     no_key = run_cli("verify", "letters.kmp", "--pubkey", "missing.pub", cwd=moved_project, env=env)
     assert no_key.returncode == 2
     assert "missing.pub" in no_key.stderr and "--pubkey" in no_key.stderr  # names the way out
+
+
+def test_serve_finds_its_packs_folder_by_flag_env_then_km_edge_toml(tmp_path):
+    root = tmp_path / "device"
+    root.mkdir()
+    (root / "km-edge.toml").write_text('[paths]\npacks = "shelf"\n')
+    env = {"KM_EDGE_PACKS": "", "KM_EDGE_STATE": str(root / "state.json")}
+    # checked before anything is served: a missing folder is refused naming the one that was chosen
+    from_toml = run_cli("serve", cwd=root, env=env)
+    assert from_toml.returncode == 2 and "shelf: no such folder" in from_toml.stderr
+    from_env = run_cli("serve", cwd=root, env={**env, "KM_EDGE_PACKS": "crate"})
+    assert from_env.returncode == 2 and "crate: no such folder" in from_env.stderr
+    from_flag = run_cli("serve", "--packs", "box", cwd=root, env={**env, "KM_EDGE_PACKS": "crate"})
+    assert from_flag.returncode == 2 and "box: no such folder" in from_flag.stderr
