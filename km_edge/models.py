@@ -536,7 +536,8 @@ def _download_weights(spec: Arch, weights: str, full_model) -> dict:
     """
     names = weights_names(spec)
     if weights not in names:
-        raise ConfigError(f"weights {weights!r}: no such file, and {spec.name} has no weights of that name; choose "
+        raise ConfigError(f"weights {weights!r}: no such file, and {spec.name} has no weights of that name; pass "
+                          "--weights (or [base] weights in km-edge.toml) as one of "
                           + ", ".join([*names, "a local .pth file", "none"]))
     if spec.family == "torchvision":
         enum = torchvision.models.get_model_weights(spec.model_name)[weights]

@@ -58,5 +58,5 @@ def test_wrong_weights_name_on_the_command_line_is_bad_input_naming_the_choices(
                      cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "choose imagenet, pretrained, a local .pth file, none" in lines[0], result.stderr
+    assert len(lines) == 1 and "pass --weights (or [base] weights in km-edge.toml) as one of imagenet, pretrained, a local .pth file, none" in lines[0], result.stderr
     assert not (tmp_path / "b").exists()
