@@ -79,12 +79,15 @@ def test_exported_lite0_on_onnxruntime_gives_the_same_classes(lite0, photos, tmp
 
 
 @pytest.mark.slow
-def test_demo_on_the_real_base_gives_device_accuracy_equal_to_host(tmp_path):
+def test_demo_on_the_real_base_gives_device_accuracy_equal_to_host(tmp_path, caplog):
     """`km-edge demo` in small: one task, one epoch, on the ImageNet Lite0 base."""
+    import logging
+
     from km_edge.demo import format_table, run_demo
 
-    lines = []
-    rows = run_demo(tmp_path, tasks=["shapes"], epochs=1, progress=False, log=lines.append)
+    with caplog.at_level(logging.INFO, logger="km_edge.demo"):
+        rows = run_demo(tmp_path, tasks=["shapes"], epochs=1, progress=False)
+    lines = [record.getMessage() for record in caplog.records]
     (row,) = rows
     assert row["device_accuracy"] == pytest.approx(row["host_val_accuracy"], abs=1e-12)
     assert row["max_logit_diff"] <= 1e-4
