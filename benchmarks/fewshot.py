@@ -29,10 +29,12 @@ has the same number of episodes in every cell. ``--plan`` measures a couple of e
 method plus a few meta-training episodes at the given settings and writes the projected CPU-hours of
 the full run (fewshot_plan.{json,md}) without touching the state.
 
-Measured plan (``nice -n 19 python benchmarks/fewshot.py --plan``, 96 px, 1 thread, 2 shared
-cores, 2026-11-28): see benchmarks/results/fewshot_plan.md; the full 600-episode run of all six
-methods over 5- and 20-way, 1 and 5 shots, with 50 validation episodes per learning-rate candidate
-and 2000 meta-training episodes per meta-learner is projected there in CPU-hours.
+Measured plan (``nice -n 19 python benchmarks/fewshot.py --plan``, 96 px, 1 torch thread on 2
+cores shared with other jobs, 2026-11-28; benchmarks/results/fewshot_plan.md): the full run (all
+six methods, 5- and 20-way, 1 and 5 shots, 600 test episodes per cell, 50 validation episodes per
+learning-rate candidate, 2000 meta-training episodes per meta-learner) is about 60 CPU-hours:
+8 for Reptile (14 s/episode), 1 for first-order MAML (1.9 s/episode), 51 for the episodes, of which
+the 20-way 5-shot cell is 27 (LoRA 54 s, KM 30 s per episode).
 
     nice -n 19 python benchmarks/fewshot.py --plan                  # timing of the full run
     nice -n 19 python benchmarks/fewshot.py --episodes 600          # the full benchmark
@@ -93,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=10, help="query images per class in a test episode")
     p.add_argument("--inner-steps", type=int, default=10, help="adaptation steps, equal for every method")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
-    p.add_argument("--meta-episodes", type=int, default=FULL_META_EPISODES, help="meta-training episodes (each learner)")
+    p.add_argument("--meta-episodes", type=int, default=FULL_META_EPISODES,
+                   help="meta-training episodes (each learner)")
     p.add_argument("--meta-ways", type=int, default=5)
     p.add_argument("--meta-shots", type=int, default=5)
     p.add_argument("--meta-queries", type=int, default=5, help="query images per class in a meta-training episode")
@@ -432,7 +435,8 @@ def plan(args, names, base, splits, groups, test_classes, preprocess, settings) 
     meta_init = tail_init = None
     meta = {}
     if "kmmeta" in names:
-        meta_init, meta["kmmeta"] = meta_train_km(args, base, splits, preprocess, settings, args.plan_meta_episodes, None)
+        meta_init, meta["kmmeta"] = meta_train_km(args, base, splits, preprocess, settings, args.plan_meta_episodes,
+                                                  None)
     if "fomaml" in names:
         tail_init, meta["fomaml"] = meta_train_tail(args, base, splits, preprocess, settings, args.plan_meta_episodes,
                                                     None)
@@ -454,7 +458,9 @@ def plan(args, names, base, splits, groups, test_classes, preprocess, settings) 
                              "episode_seconds": episode_s, "full_run_episodes": runs,
                              "full_run_hours": episode_s * runs / 3600})
                 total += episode_s * runs
-    full_base = full_base_adapt_seconds(args, base, groups, splits, test_classes, preprocess) if "fomaml" in names else []
+    full_base = []
+    if "fomaml" in names:
+        full_base = full_base_adapt_seconds(args, base, groups, splits, test_classes, preprocess)
     meta_hours = {n: r["seconds_per_episode"] * FULL_META_EPISODES / 3600 for n, r in meta.items()}
     total_hours = total / 3600 + sum(meta_hours.values())
     result = {"settings": {k: v for k, v in settings.items()}, "plan_episodes": args.plan_episodes,
@@ -505,7 +511,8 @@ def full_base_adapt_seconds(args, base, groups, splits, test_classes, preprocess
         full_s = time.perf_counter() - started
         started = time.perf_counter()
         learner.adapt(learner.prefix_features(sx), sy, ways, args.inner_steps, 1e-4, 1e-2)
-        rows.append({"ways": ways, "shots": shots, "adapt_seconds": full_s, "tail_adapt_seconds": time.perf_counter() - started})
+        rows.append({"ways": ways, "shots": shots, "adapt_seconds": full_s,
+                     "tail_adapt_seconds": time.perf_counter() - started})
     return rows
 
 
@@ -571,7 +578,8 @@ def write_results(args, state: dict, source: dict, names: list[str], cells, cost
     result["paired_differences"] = paired
     if paired:
         lines += ["", "Paired differences on the same episodes (method minus baseline, 95 % CI):", "",
-                  "| ways | shots | method | baseline | episodes | difference | 95 % CI |", "|---|---|---|---|---|---|---|"]
+                  "| ways | shots | method | baseline | episodes | difference | 95 % CI |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {d['ways']} | {d['shots']} | {d['method']} | {d['baseline']} | {d['episodes']} | "
                   f"{d['difference']:+.3f} | ±{d['ci95']:.3f} |" for d in paired]
     write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=1, allow_nan=True).encode())
