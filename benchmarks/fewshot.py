@@ -109,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pilot", action="store_true", help="label the results as a pilot (too few episodes)")
     p.add_argument("--plan", action="store_true", help="time the full run at these settings and stop")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the results of the state file (run no new episodes) and stop")
     p.add_argument("--plan-episodes", type=int, default=2, help="--plan: test episodes timed per cell")
     p.add_argument("--plan-meta-episodes", type=int, default=3, help="--plan: meta-training episodes timed")
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".cache" / "fewshot")
@@ -357,7 +359,7 @@ def main(argv=None) -> int:
     preprocess = base.preprocess
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("episodes", "pilot", "work", "out", "threads", "methods", "arch", "weights", "plan",
-                             "plan_episodes", "plan_meta_episodes")}
+                             "plan_episodes", "plan_meta_episodes", "report_only")}
     settings["base_fingerprint"] = base.fingerprint()  # binds the base (arch and weights) to the state
     if args.plan:
         return plan(args, names, base, splits, groups, test_classes, preprocess, settings)
@@ -406,7 +408,7 @@ def main(argv=None) -> int:
             for table in ("episodes", "seconds", "adapt_seconds"):
                 state[table].setdefault(cell_key(name, ways, shots), [])
     done = min(len(state["episodes"][cell_key(n, w, k)]) for w, k in cells for n in names)
-    for i in range(done, args.episodes):
+    for i in range(done, done if args.report_only else args.episodes):
         for ways, shots in cells:
             sx, sy, qx, qy = test_episode(args, groups, splits, test_classes, preprocess, ways, shots, i)
             for name in names:
@@ -553,7 +555,7 @@ def write_results(args, state: dict, source: dict, names: list[str], cells, cost
              f"{args.val_episodes} validation episode(s) per candidate and cell; both meta-learners trained on "
              f"{args.meta_episodes} {args.meta_ways}-way {args.meta_shots}-shot episodes of "
              f"{source['meta_classes']} Latin/Cyrillic characters. Episodes done per cell: "
-             f"{', '.join(map(str, episodes_done))} of the {args.episodes} targeted.", "",
+             f"{', '.join(map(str, episodes_done))} (target {args.episodes}).", "",
              "| ways | shots | method | episodes | accuracy | 95 % CI | lr (body, head) | adapt s (median) | "
              "s/episode (median, min) | task file bytes fp32 / fp16 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -574,6 +576,14 @@ def write_results(args, state: dict, source: dict, names: list[str], cells, cost
                   f"so its figure is the raw bytes of the tail weights plus the head. Timings: {args.threads} torch "
                   f"thread(s) on a shared machine ({os.cpu_count()} CPUs) under `nice -n 19` with other jobs running; "
                   "adaptation = support forward passes + inner steps, s/episode adds the query evaluation."]
+    plan_path = args.out.with_name(args.out.name + "_plan.json")
+    if plan_path.exists():
+        planned = json.loads(plan_path.read_text())
+        lines += ["", f"Cost of the full run ({FULL_TEST_EPISODES} test episodes per cell, {FULL_VAL_EPISODES} "
+                      f"validation episodes per lr candidate, {FULL_META_EPISODES} meta-training episodes per "
+                      "meta-learner) at "
+                      f"{planned['settings']['input_size']} px, projected by `--plan` from measured episode times: "
+                      f"about {planned['total_cpu_hours']:.0f} CPU hours on this machine ({plan_path.stem}.md)."]
     paired = paired_differences(cells, names, state)
     result["paired_differences"] = paired
     if paired:

@@ -46,6 +46,13 @@ def test_fewshot_smoke_all_methods(tmp_path):
         for ways in WAYS:
             assert f"| {ways} | 1 | {method} | 2 |" in table
 
+    # --report-only rewrites the results from the state file and runs no new episode
+    args[args.index("--episodes") + 1] = "50"
+    result = subprocess.run([*args, "--report-only"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert {r["episodes"] for r in again["rows"]} == {2} and len(again["rows"]) == len(rows)
+
 
 def test_fomaml_moves_only_the_tail(tmp_path):
     """First-order MAML changes the tail's weights and leaves the frozen prefix as the base has it."""
