@@ -49,5 +49,5 @@ def test_fewshot_harness_resumes_and_reports(tmp_path):
         assert row["episodes"] == 3 and 0.0 <= row["accuracy"] <= 1.0 and row["ci95"] >= 0.0
     table = (tmp_path / "results" / "fewshot.md").read_text()
     for method in ("proto", "linear", "km0", "kmmeta"):
-        assert f"| 1 | {method} | 3 |" in table  # shots, method, episodes
-    assert "| 1 | kmmeta | linear | 3 |" in table  # the paired difference against the linear probe
+        assert f"| 3 | 1 | {method} | 3 |" in table  # ways, shots, method, episodes
+    assert "| 3 | 1 | kmmeta | linear | 3 |" in table  # the paired difference against the linear probe
