@@ -310,7 +310,9 @@ def write_markdown(path: Path, results: dict) -> None:
         f"medians of {meta['repeats']} cold loads (minimums in brackets). Bases have random weights at 224 px; "
         "packs are default KM (auto k8/c1, GELU, BatchNorm) with non-zero modulators. "
         f"Load average at start {meta['load_start']}, at end {meta['load_end']} on {meta['cpus']} CPUs "
-        "(the machine was shared with other jobs: absolute times are noisy, ratios are taken inside one run).",
+        + ("(the machine was shared with other jobs: absolute times are noisy, ratios are taken inside one run)."
+           if max(meta["load_start"][0], meta["load_end"][0]) > 1.5 else
+           "(an otherwise idle machine; ratios are taken inside one run)."),
         "",
         "## Pack load (CPU provider)",
         "",
