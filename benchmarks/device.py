@@ -135,6 +135,8 @@ def ort_side_graph(runtime, pack) -> bytes:
     import onnx
     from onnx import helper, numpy_helper
 
+    from device_runtime import km
+
     model = onnx.load(str(runtime.base.graph_path), load_external_data=False)
     graph = model.graph
     convs = {node.input[1]: node for node in graph.node if node.op_type == "Conv"}
@@ -152,8 +154,8 @@ def ort_side_graph(runtime, pack) -> bytes:
         arrays = {"vshape": np.array([-1, d], np.int64), "wshape": np.array(shape, np.int64),
                   "w1": (t["w1"] / np.float32(layer.scale)).astype(np.float32), "b1": t["b1"],
                   "w2": (t["w2"] * np.float32(0.5)).astype(np.float32), "b2": (t["b2"] + 1).astype(np.float32),
-                  "ca": np.array(0.7978845608028654 * 0.044715, np.float32),
-                  "c": np.array(0.7978845608028654, np.float32), "one": np.array(1.0, np.float32)}
+                  "ca": np.array(km.GELU_SQRT_2_OVER_PI * km.GELU_CUBIC, np.float32),
+                  "c": np.array(km.GELU_SQRT_2_OVER_PI, np.float32), "one": np.array(1.0, np.float32)}
         new_inits += [numpy_helper.from_array(np.asarray(a), p + k) for k, a in arrays.items()]
         new_nodes += [
             helper.make_node("Reshape", [name, p + "vshape"], [p + "v"]),

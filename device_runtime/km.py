@@ -143,8 +143,10 @@ def kernel_scale(weight: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(weight, dtype=np.float64))) + 1e-12)
 
 
-_GELU_C = np.float32(0.7978845608028654)  # sqrt(2 / pi)
-_GELU_A = np.float32(0.044715)
+GELU_SQRT_2_OVER_PI = 0.7978845608028654  # tanh-GELU: 0.5 x (1 + tanh(C (x + A x^3)))
+GELU_CUBIC = 0.044715
+_GELU_C = np.float32(GELU_SQRT_2_OVER_PI)
+_GELU_A = np.float32(GELU_CUBIC)
 
 
 def activate(x: np.ndarray, activation: str) -> np.ndarray:
@@ -207,7 +209,7 @@ BLOCK_BYTES = 768 * 1024  # working set per block (rows in and out, hidden, scra
 _MIN_BLOCK_ROWS = 64
 
 
-_GELU_CA = np.float32(0.7978845608028654 * 0.044715)
+_GELU_CA = np.float32(GELU_SQRT_2_OVER_PI * GELU_CUBIC)
 # what _activate_inplace leaves is act(x) times this (folded into w2 by the caller)
 _ACTIVATION_GAIN = {"relu": 1.0, "silu": 1.0, "tanh": 1.0, "gelu": 2.0}
 _NEEDS_SCRATCH = ("silu", "gelu")

@@ -90,13 +90,18 @@ class LoadedPack:
         """(N, n_labels) float32: this pack's head on (N, F) pooled features, checked finite.
         Reads only, so several threads may share one LoadedPack (onnxruntime sessions are
         thread-safe too)."""
-        head = self.pack.head
-        weight = np.asarray(head["weight"], dtype=np.float32)
-        bias = np.asarray(head["bias"], dtype=np.float32)
-        with np.errstate(all="ignore"):
-            scores = features @ weight.T + bias
-        limits.check_finite_scores(self.path.name, scores)
-        return scores
+        return head_scores(self.pack, features, self.path.name)
+
+
+def head_scores(pack, features: np.ndarray, name: str) -> np.ndarray:
+    """``pack``'s head on (N, F) pooled features; refused (NonFiniteError naming ``name``) unless
+    every score is finite. The one place a head is applied: every request and the load probe."""
+    weight = np.asarray(pack.head["weight"], dtype=np.float32)
+    bias = np.asarray(pack.head["bias"], dtype=np.float32)
+    with np.errstate(all="ignore"):
+        scores = features @ weight.T + bias
+    limits.check_finite_scores(name, scores)
+    return scores
 
 
 def top_predictions(logits: np.ndarray, labels: list[str], top_k: int) -> list[list[dict]]:
@@ -349,10 +354,7 @@ class Runtime:
 
     def _check_scores(self, path: Path, pack, backend) -> None:
         """The new pack's scores on one mid-grey image must be finite before it is activated."""
-        features = backend.features(neutral_batch(pack.preprocess or self.base.preprocess))
-        with np.errstate(all="ignore"):
-            scores = features @ pack.head["weight"].T + pack.head["bias"]
-        limits.check_finite_scores(path.name, scores)
+        head_scores(pack, backend.features(neutral_batch(pack.preprocess or self.base.preprocess)), path.name)
 
     def _check_shapes(self, path: Path, pack) -> None:
         """Every layer, head and BN tensor against the manifest, before anything is built."""
