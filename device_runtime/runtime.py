@@ -39,6 +39,7 @@ from .errors import (
     DowngradeError,
     ImageError,
     MalformedPackError,
+    NonFiniteError,
     ShapeMismatchError,
 )
 from .imagefolder import list_image_folder
@@ -81,6 +82,7 @@ class LoadedPack:
     path: Path
     sha256: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    probed: bool = False  # scored the mid-grey probe image finitely (Runtime.load_pack(probe=True))
 
     @property
     def labels(self) -> list[str]:
@@ -210,10 +212,15 @@ class Runtime:
         # sizes and work relative to the base, from shapes alone: nothing allocated yet
         limits.check_rebuild_budget(path.name, pack.layers, self.base.conv_shapes)
 
-    def load_pack(self, path: str | os.PathLike, data: bytes | None = None) -> LoadedPack:
+    def load_pack(self, path: str | os.PathLike, data: bytes | None = None, *,
+                  probe: bool = False) -> LoadedPack:
         """Verify, check and activate the pack at ``path``; raises a PackError subclass if refused.
 
         ``data``: the pack's bytes when the caller already read them (``path`` then only names it).
+        ``probe``: also score one mid-grey image and refuse the pack, keeping nothing of it, unless
+        the scores are finite. Every request checks its own scores anyway, so without the probe a
+        pack whose numbers overflow is refused at its first image instead; a process that swaps
+        packs under live traffic (``serve``) probes, so such a pack never replaces a working one.
         """
         path = Path(path)
         self.base.check_unchanged()  # the files onnxruntime reads are still the ones verified
@@ -237,6 +244,13 @@ class Runtime:
                     self._digests[str(path)] = (signature, digest)
         if cached is not None:
             self._check_version(path, pack)
+            if probe and not cached.probed:
+                try:
+                    self._check_scores(path, pack, cached.backend)
+                except NonFiniteError:
+                    self._evict(digest)
+                    raise
+                cached.probed = True
             self._cache.move_to_end(digest)
             cached.path = path
             cached.timings_ms.update(timings, rebuild=0.0, session=0.0, probe=0.0)
@@ -249,8 +263,9 @@ class Runtime:
         self._check_against_base(path, pack)
         self._check_version(path, pack)
         with self._build_lock:
-            backend = self._build(path, pack, digest, timings)
-        loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings)
+            backend = self._build(path, pack, digest, timings, probe)
+        loaded = LoadedPack(pack=pack, backend=backend, path=path, sha256=digest, timings_ms=timings,
+                            probed=probe)
         log.debug("%s: task %s v%d loaded (verify %.1f ms, rebuild %.1f ms, session %.1f ms)", path.name, pack.task,
                   pack.pack_version, timings["verify"], timings["rebuild"], timings["session"])
         self._cache[digest] = loaded
@@ -258,9 +273,10 @@ class Runtime:
             self._evict(next(iter(self._cache)))
         return self._activate(loaded)
 
-    def _build(self, path: Path, pack, digest: str, timings: dict):
-        """Rebuild the pack's kernels and create its session (timings: rebuild, session, probe); the
-        kernels and the scores on a probe image are checked finite before anything is kept."""
+    def _build(self, path: Path, pack, digest: str, timings: dict, probe: bool):
+        """Rebuild the pack's kernels and create its session (timings: rebuild, session, probe,
+        which is 0 when not asked for); the kernels, and with ``probe`` the scores on a probe
+        image, are checked finite before anything is kept."""
         # overflow in a hostile pack's rebuild is refused just below, not warned about
         with _Stopwatch(timings, "rebuild"), np.errstate(all="ignore"):
             kernels = self.rebuild_kernels(pack)
@@ -272,8 +288,10 @@ class Runtime:
         with _Stopwatch(timings, "session"):
             backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads,
                                    provider=self._provider_for(pack, digest))
-        with _Stopwatch(timings, "probe"):
-            self._check_scores(path, pack, backend)
+        timings["probe"] = 0.0
+        if probe:
+            with _Stopwatch(timings, "probe"):
+                self._check_scores(path, pack, backend)
         return backend
 
     def rebuild_kernels(self, pack) -> dict[str, np.ndarray]:
@@ -351,6 +369,12 @@ class Runtime:
             except ValueError as exc:
                 raise MalformedPackError(f"{path.name}: {exc}") from None
             limits.check_input_size(path.name, pack.preprocess, self.base.input_hw)
+
+    def probe(self, loaded: LoadedPack) -> None:
+        """Raise NonFiniteError unless ``loaded`` scores one mid-grey image finitely (what
+        ``load_pack(probe=True)`` checks before it keeps a pack)."""
+        self._check_scores(loaded.path, loaded.pack, loaded.backend)
+        loaded.probed = True
 
     def _check_scores(self, path: Path, pack, backend) -> None:
         """The new pack's scores on one mid-grey image must be finite before it is activated."""

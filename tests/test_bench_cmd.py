@@ -43,14 +43,17 @@ def test_bench_reports_the_load_breakdown_references_and_inference(project):
     report = json.loads(result.stdout)
     assert report["provider"] == "cpu" and report["task"] == "task0" and report["threads"] == 1
     load = report["load_ms"]
-    for key in ("verify", "rebuild", "session", "total", "cache_hit"):
+    for key in ("verify", "rebuild", "session", "total", "cache_hit", "probe", "total_with_probe"):
         assert load[key]["n"] == 3 and 0 < load[key]["min"] <= load[key]["median"] <= load[key]["p90"]
+    # the probe (what serve adds to a swap) is reported beside load_pack, not inside it
+    assert load["total_with_probe"]["min"] >= load["total"]["min"] + load["probe"]["min"] * 0.99
+    assert report["load_with_probe_over_plain"]["median"] >= report["load_over_plain"]["median"]
     # the parts are inside the total of the same loads
     assert load["verify"]["min"] + load["rebuild"]["min"] + load["session"]["min"] <= load["total"]["p90"] * 1.01
     assert report["plain_session_ms"]["n"] == 3 and report["rebuild_floor_ms"]["n"] == 3
     assert report["load_over_plain"]["median"] == pytest.approx(
         load["total"]["median"] / report["plain_session_ms"]["median"], rel=1e-2)
-    assert report["rebuild_over_floor"]["median"] > 0
+    assert report["rebuild_over_floor"]["median"] > 0 and report["rebuild_floor_fresh_ms"]["n"] == 3
     conv_bytes = sum(k.nbytes for k in Base.open(root / "base").conv_kernels().values())
     assert report["conv_bytes"] == conv_bytes  # the test pack adapts every conv
     assert set(report["infer_ms"]) == {"batch1", "batch3"}

@@ -29,6 +29,7 @@ from device_runtime.errors import (
     PackLimitError,
     ShapeMismatchError,
 )
+from device_runtime.pack.limits import MAX_ABS_VALUE
 from device_runtime.runtime import Runtime
 
 from test_device_runtime import PREPROCESS, SIZE, make_pack, random_modulators
@@ -57,17 +58,17 @@ def modulators(runtime, hidden: int, seed: int = 2) -> list[dict]:
     return random_modulators(runtime.base, seed=seed, hidden=hidden)
 
 
-def refused(runtime, signing_key, path: Path, error=PackError) -> str:
+def refused(runtime, signing_key, path: Path, error=PackError, probe: bool = False) -> str:
     """Load ``path`` on a runtime with a good pack active; assert the refusal contract."""
     good = runtime.load_pack(make_pack(path.with_name("good.kmp"), runtime.base,
                                        signing_key, task="good"))
     with pytest.raises(error) as caught:
-        runtime.load_pack(path)
+        runtime.load_pack(path, probe=probe)
     message = str(caught.value)
     assert isinstance(caught.value, PackError) and "\n" not in message and path.name in message
     assert runtime.active is good  # nothing of it is used
     with pytest.raises(PackError):
-        runtime.load_pack(path)  # refused again: nothing of it was kept
+        runtime.load_pack(path, probe=probe)  # refused again: nothing of it was kept
     assert runtime.load_pack(good.path).pack.task == "good"
     return message
 
@@ -159,6 +160,47 @@ def test_head_that_overflows_the_scores_is_refused(runtime, signing_key, tmp_pat
         limits.check_finite_scores("head.kmp", np.array([[np.inf, 0.0]], np.float32))
 
 
+def overflowing_modulators(runtime) -> list:
+    """Modulators at the format's largest value on every layer: each rebuilt kernel is finite (a
+    few 1e13), but three such convs in a row overflow float32 in the activations."""
+    return [dataclasses.replace(layer, tensors={n: np.full_like(t, MAX_ABS_VALUE) for n, t in layer.tensors.items()})
+            for layer in modulators(runtime, hidden=4)]
+
+
+def test_pack_whose_scores_overflow_is_refused_by_the_probe_and_by_every_request(runtime, signing_key, tmp_path):
+    path = make_pack(tmp_path / "overflow.kmp", runtime.base, signing_key, layers=overflowing_modulators(runtime))
+    # with the probe (what serve does before a swap): refused at load, nothing of it kept
+    message = refused(runtime, signing_key, path, NonFiniteError, probe=True)
+    assert "not finite" in message
+    good = runtime.active
+    with pytest.raises(NonFiniteError):
+        runtime.load_pack(path, probe=True)
+    assert runtime.active is good and len(runtime.cached) == 1
+    # without it (run, eval): loaded, and refused at its first image, never answered
+    loaded = runtime.load_pack(path)
+    assert loaded.timings_ms["probe"] == 0.0 and not loaded.probed
+    images = np.random.default_rng(0).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
+    with pytest.raises(NonFiniteError, match="overflow.kmp"):
+        runtime.logits(images)
+    with pytest.raises(NonFiniteError):
+        runtime.probe(loaded)
+    # probing the cached session later refuses it too, and drops it from the cache
+    with pytest.raises(NonFiniteError):
+        runtime.load_pack(path, probe=True)
+    assert loaded.sha256 not in runtime.cached
+
+
+def test_probe_passes_a_sound_pack_and_is_not_repeated_on_a_cache_hit(runtime, signing_key, tmp_path):
+    path = make_pack(tmp_path / "ok.kmp", runtime.base, signing_key)
+    loaded = runtime.load_pack(path)
+    assert not loaded.probed
+    again = runtime.load_pack(path, probe=True)  # a cache hit: probed now, once
+    assert again is loaded and loaded.probed
+    runtime.clear_cache()
+    probed = runtime.load_pack(path, probe=True)
+    assert probed.probed and probed.timings_ms["probe"] > 0.0
+
+
 def _body_of(pack) -> dict:
     return {
         "task": pack.task, "pack_version": pack.pack_version, "created": pack.created,
@@ -229,10 +271,15 @@ def test_crop_that_does_not_fit_the_graph_is_refused_by_verify(runtime, signing_
 
 
 # --- the CLI edge -----------------------------------------------------------------------------
-def test_run_refuses_a_nan_pack_with_one_line_and_valid_json(tiny_base_dir, key_dir, signing_key, tmp_path):
+@pytest.mark.parametrize("hostile", ["head beyond the format's limit", "scores that overflow"])
+def test_run_refuses_a_nan_pack_with_one_line_and_valid_json(tiny_base_dir, key_dir, signing_key, tmp_path,
+                                                              hostile):
     runtime = Runtime(tiny_base_dir, {keys.key_id(signing_key): signing_key.public_key()})
-    path = make_pack(tmp_path / "hostile.kmp", runtime.base, signing_key)
-    path.write_bytes(_resigned_with_head(path, signing_key, 3e38))
+    if hostile.startswith("head"):  # refused when read
+        path = make_pack(tmp_path / "hostile.kmp", runtime.base, signing_key)
+        path.write_bytes(_resigned_with_head(path, signing_key, 3e38))
+    else:  # refused at the first image's scores
+        path = make_pack(tmp_path / "hostile.kmp", runtime.base, signing_key, layers=overflowing_modulators(runtime))
     image = tmp_path / "x.png"
     Image.new("RGB", (SIZE, SIZE), (1, 2, 3)).save(image)
     for extra in ([], ["--json"]):

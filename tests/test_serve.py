@@ -7,6 +7,7 @@ signed packs), talks to it with httpx and stops it with SIGTERM.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
 import itertools
 import json
@@ -19,8 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from serving import WITHOUT_TORCH, Device, SlowBody, start_server
+from test_device_runtime import random_modulators
 
+from device_runtime.basefiles import Base
 from device_runtime.keys import generate_keypair, load_private_key, load_trusted_keys
+from device_runtime.pack.limits import MAX_ABS_VALUE
 from device_runtime.rollback import RollbackState
 from device_runtime.runtime import Runtime
 
@@ -203,6 +207,13 @@ def test_healthz_is_ready_only_once_a_pack_is_loaded(device):
         assert served.stop() == 0
 
 
+def overflowing_modulators(base_dir) -> list:
+    """Modulators at the format's largest value: finite kernels whose activations overflow."""
+    layers = random_modulators(Base.open(base_dir), hidden=4)
+    return [dataclasses.replace(layer, tensors={n: np.full_like(t, MAX_ABS_VALUE) for n, t in layer.tensors.items()})
+            for layer in layers]
+
+
 def test_every_bad_pack_is_refused_counted_and_the_served_version_keeps_serving(device, server, tmp_path):
     generate_keypair(tmp_path / "stranger")
     stranger = load_private_key(tmp_path / "stranger" / "signing.key")
@@ -217,6 +228,8 @@ def test_every_bad_pack_is_refused_counted_and_the_served_version_keeps_serving(
         "truncated.kmp": (good[: len(good) // 2], "malformed"),
         "older.kmp": (device.pack_bytes("birds", 2), "downgrade"),
         "same-version.kmp": (device.pack_bytes("birds", 3, seed=99), "not_newer"),
+        # signed and within every limit, but its scores overflow: the probe refuses it
+        "overflow.kmp": (device.pack_bytes("birds", 7, layers=overflowing_modulators(device.base_dir)), "not_finite"),
     }
     for name, (data, _) in bad.items():
         device.drop(name, data)

@@ -28,6 +28,7 @@ from ..errors import (
     DowngradeError,
     KmEdgeError,
     MalformedPackError,
+    NonFiniteError,
     NotNewerError,
     RollbackError,
     ShapeMismatchError,
@@ -53,6 +54,7 @@ REFUSAL_REASONS = (
     (UntrustedKeyError, "untrusted_key"),
     (BaseMismatchError, "base_mismatch"),
     (ShapeMismatchError, "shape_mismatch"),
+    (NonFiniteError, "not_finite"),
     (UnknownFormatError, "unknown_format"),
     (MalformedPackError, "malformed"),
     (StateError, "state_error"),
@@ -250,7 +252,8 @@ class PackCatalog:
                     f"being served ({current.path.name}) with other content; an update needs a "
                     "higher version")
             with self._build_lock:
-                loaded = self.runtime.load_pack(path, data=data)
+                # probed: a pack whose scores overflow is refused here, never swapped in
+                loaded = self.runtime.load_pack(path, data=data, probe=True)
                 # swapped in before the lock goes: a rebuild never sees the Runtime ahead of the table
                 self._install(ServedPack(loaded.pack, data, digest, path, _now(), loaded), changes)
         except Exception as exc:  # noqa: BLE001 - the poller must outlive any bad file
