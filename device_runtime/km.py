@@ -316,60 +316,6 @@ def lora_update(weight: np.ndarray, tensors: dict[str, np.ndarray], scale: float
     return weight + np.float32(scale) * (b @ a).reshape(weight.shape)
 
 
-# Layers up to this many weights are rebuilt together with the other small layers that share
-# (d, h, activation): one set of numpy calls for the group instead of ~20 per layer, whose fixed
-# cost would otherwise dominate on networks of many small layers (depthwise and 1x1 convs).
-SMALL_LAYER = 32 * 1024
-
-
-def _group_key(weight: np.ndarray, layer: Layer):
-    """(d, h, activation) for a small KM layer laid out as rows of its output, else None."""
-    if layer.adapter != "km" or weight.size > SMALL_LAYER:
-        return None
-    kind = resolve_kind(layer.kind, weight.shape)
-    if kind == "channel" and weight.shape[2] * weight.shape[3] != 1:
-        return None
-    w1_shape = np.shape(layer.tensors["w1"])
-    if len(w1_shape) != 2:
-        return None
-    return vector_length(kind, weight.shape), int(w1_shape[1]), layer.activation
-
-
-def _modulate_group(jobs: list) -> None:
-    """:func:`modulate_fast` for several small layers with the same (d, h, activation), batched:
-    rows are padded to the longest layer and every step is one batched numpy call."""
-    checked = [(_modulator_arrays(w.shape, layer.tensors, layer.kind), w, layer, out)
-               for w, layer, out in jobs]
-    (kind0, w1_0, *_), _, layer0, _ = checked[0]
-    d, h = w1_0.shape
-    activation = layer0.activation
-    count = len(checked)
-    rows = [to_vectors(w, kind) for (kind, *_), w, _, _ in checked]
-    longest = max(r.shape[0] for r in rows)
-    vectors = np.zeros((count, longest, d), dtype=np.float32)
-    for i, r in enumerate(rows):
-        vectors[i, :r.shape[0]] = r
-    first = np.zeros((count, d + 1, h + 1), dtype=np.float32)  # [[w1 / s, 0], [b1, 0]] per layer
-    inverse_scales = np.array([1.0 / float(layer.scale) for _, _, layer, _ in checked],
-                              dtype=np.float32)
-    np.multiply(np.stack([a[1] for a, _, _, _ in checked]), inverse_scales[:, None, None],
-                out=first[:, :d, :h])
-    first[:, d, :h] = np.stack([a[2] for a, _, _, _ in checked])
-    second = np.empty((count, h + 1, d), dtype=np.float32)  # [[w2 / gain], [b2 + 1]] per layer
-    np.multiply(np.stack([a[3] for a, _, _, _ in checked]), 1.0 / _ACTIVATION_GAIN[activation],
-                out=second[:, :h])
-    np.add(np.stack([a[4] for a, _, _, _ in checked]), 1.0, out=second[:, h])
-    hidden = np.matmul(vectors, first[:, :d])
-    hidden += first[:, d:]
-    _activate_inplace(hidden, activation,
-                      np.empty_like(hidden) if activation in _NEEDS_SCRATCH else None)
-    hidden[:, :, h] = 1.0
-    result = np.matmul(hidden, second)
-    result *= vectors
-    for r, row_block, (_, _, _, out) in zip(rows, result, checked):
-        out.reshape(r.shape)[...] = row_block[:r.shape[0]]
-
-
 def _rebuild_one(weight: np.ndarray, layer: Layer, out: np.ndarray | None) -> np.ndarray:
     if layer.adapter == "km":
         return modulate_fast(weight, layer.tensors, layer.kind, layer.activation,
@@ -421,17 +367,10 @@ def rebuild_kernels(
     for shape, size in zip(shapes, sizes):
         outs.append(arena[offset:offset + size].reshape(shape))
         offset += size
-    groups: dict = {}
-    tasks = []  # (work in elements, callable)
-    for layer, out, size in zip(layers, outs, sizes):
-        weight = base_kernels[layer.name]
-        key = _group_key(weight, layer)
-        if key is None:
-            tasks.append((size, lambda job=(weight, layer, out): _rebuild_one(*job)))
-        else:
-            groups.setdefault(key, []).append((weight, layer, out))
-    for group in groups.values():
-        tasks.append((sum(job[0].size for job in group), lambda group=group: _modulate_group(group)))
+    # one call per layer: batching small layers of the same (d, h) into one padded group was
+    # measured slower (6-25 % on the registry bases) than modulate_fast's few calls per layer
+    tasks = [(size, lambda job=(base_kernels[layer.name], layer, out): _rebuild_one(*job))
+             for layer, out, size in zip(layers, outs, sizes)]
     if threads and threads > 1 and len(tasks) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
