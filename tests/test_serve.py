@@ -241,6 +241,9 @@ def test_every_bad_pack_is_refused_counted_and_the_served_version_keeps_serving(
     for name, (_, reason) in bad.items():
         assert refused[name]["reason"] == reason, (name, refused[name])
         assert name in refused[name]["message"] and "\n" not in refused[name]["message"]
+    # each with the way out, as the CLI shows it
+    assert "--pubkey" in refused["untrusted.kmp"]["message"]
+    assert "`km-edge pack --task TASK --version N`" in refused["older.kmp"]["message"]
     text = server.metrics()
     for reason in {r for _, r in bad.values()}:
         expected = sum(1 for _, r in bad.values() if r == reason)

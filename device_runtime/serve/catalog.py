@@ -35,6 +35,7 @@ from ..errors import (
     StateError,
     UnknownFormatError,
     UntrustedKeyError,
+    with_remedy,
 )
 from ..pack import read_pack, read_pack_file
 from ..runtime import LoadedPack, Runtime
@@ -273,7 +274,9 @@ class PackCatalog:
 
     def _refuse(self, path: Path, task: str, exc: BaseException, changes: dict) -> None:
         reason = refusal_reason(exc)
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        # the operator reads the way out here as a CLI user does on stderr
+        text = with_remedy(exc) if isinstance(exc, KmEdgeError) else str(exc)
+        message = " ".join(text.split()) or type(exc).__name__
         if reason == "internal":
             log.exception("internal error while loading %s", path.name)
             message = f"{path.name}: internal error: {type(exc).__name__}: {message}"
