@@ -8,6 +8,7 @@ field and the limit, so the writer and the reader refuse a bad value with the sa
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import datetime, timezone
@@ -137,9 +138,14 @@ def check_text(value, where: str, max_chars: int, pattern: str | None = None,
         raise PackLimitError(f"{where} is longer than {max_chars} characters ({show(value)})")
     if not value.isprintable():  # refuses Cc, Cf, Cs, Co, Cn, Zl, Zp and non-ASCII spaces
         raise PackLimitError(f"{where} has control or invisible characters: {show(value)}")
-    if pattern is not None and not re.fullmatch(pattern, value):
+    if pattern is not None and not _compiled(pattern).fullmatch(value):
         raise PackLimitError(f"{where} must match {pattern}, got {show(value)}")
     return value
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)  # re's own cache costs more per lookup (a name is checked per layer)
 
 
 def parse_time(value, where: str) -> datetime:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field
 from datetime import datetime
+from itertools import islice
 
 import numpy as np
 
@@ -74,9 +75,11 @@ _BASE_ID = re.compile(r"[0-9a-f]{64}")
 def _tensor(array, where: str, ndim: int, values_checked: bool = False) -> np.ndarray:
     """A finite float32 array of ``ndim`` non-empty dimensions, every |element| <= MAX_ABS_VALUE.
 
-    ``values_checked``: the array is the reader's and ``read_tensors`` bounded its values already.
+    ``values_checked``: the array is one of ``read_tensors``' (a read-only float32 view, its values
+    bounded with the whole blob's), so only its shape is left to check.
     """
-    if isinstance(array, np.ndarray) and array.dtype == np.float32 and not array.flags.writeable:
+    if values_checked or (isinstance(array, np.ndarray) and array.dtype == np.float32
+                          and not array.flags.writeable):
         out = array  # what the reader decodes (read-only, C order): no copy
     else:
         try:
@@ -88,7 +91,6 @@ def _tensor(array, where: str, ndim: int, values_checked: bool = False) -> np.nd
         with np.errstate(over="ignore", invalid="ignore"):
             out = np.array(source, dtype=np.float32, order="C")  # a copy: records are immutable
         out.flags.writeable = False
-        values_checked = False  # only ever the reader's own arrays
     if out.ndim != ndim or 0 in out.shape:
         raise PackLimitError(f"{where} must be a non-empty {ndim}-D tensor, got shape {list(out.shape)}")
     if values_checked:
@@ -101,7 +103,7 @@ def _tensor(array, where: str, ndim: int, values_checked: bool = False) -> np.nd
 
 
 def _named(tensors, where: str, names: tuple[str, ...]) -> dict[str, object]:
-    if not isinstance(tensors, Mapping) or set(tensors) != set(names):
+    if not isinstance(tensors, Mapping) or tensors.keys() != set(names):
         got = sorted(map(show, tensors)) if isinstance(tensors, Mapping) else type(tensors).__name__
         raise PackLimitError(f"{where} must have exactly the tensors {list(names)}, got {got}")
     return {n: tensors[n] for n in names}
@@ -138,12 +140,11 @@ class Layer:
                 raise PackLimitError(f"{where}: activation must be one of {ACTIVATIONS}, got {show(self.activation)}")
             scale = check_float(self.scale, f"{where}: scale", *KM_SCALE_RANGE)
             raw = _named(self.tensors, f"{where}", MODULATOR_TENSORS)
-            checked = _values_checked
-            w1 = _tensor(raw["w1"], f"{where}: w1", 2, checked)
+            w1 = _tensor(raw["w1"], f"{where}: w1", 2, _values_checked)
             d, h = w1.shape
-            tensors = {"w1": w1, "b1": _tensor(raw["b1"], f"{where}: b1", 1, checked),
-                       "w2": _tensor(raw["w2"], f"{where}: w2", 2, checked),
-                       "b2": _tensor(raw["b2"], f"{where}: b2", 1, checked)}
+            tensors = {"w1": w1, "b1": _tensor(raw["b1"], f"{where}: b1", 1, _values_checked),
+                       "w2": _tensor(raw["w2"], f"{where}: w2", 2, _values_checked),
+                       "b2": _tensor(raw["b2"], f"{where}: b2", 1, _values_checked)}
             if d > MAX_VECTOR or h > MAX_HIDDEN:
                 raise PackLimitError(
                     f"{where}: modulator {d} -> {h} exceeds the limits (vector {MAX_VECTOR}, hidden {MAX_HIDDEN})"
@@ -211,7 +212,7 @@ class BnEntry:
         if len(shapes) != 1 or tensors["weight"].shape[0] > MAX_VECTOR:
             raise PackLimitError(f"BN layer {name}: tensors must be one length <= {MAX_VECTOR}, got "
                                  f"{sorted(list(s) for s in shapes)}")
-        if (tensors["running_var"] < 0).any():
+        if tensors["running_var"].min() < 0:  # NaN is refused above, with the tensor's name
             raise PackLimitError(f"BN layer {name}: running_var has negative values")
         object.__setattr__(self, "tensors", tensors)
 
@@ -460,7 +461,7 @@ class Pack:
         arrays = iter(decoded)
 
         def take(n: int) -> list:
-            return [next(arrays) for _ in range(n)]
+            return list(islice(arrays, n))
 
         modulator = obj["modulator"]
         activation = modulator.get("activation") if isinstance(modulator, dict) and method == "km" else ""

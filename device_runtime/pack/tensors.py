@@ -157,4 +157,5 @@ def read_tensors(index: list, blob: bytes, storage_dtype: str) -> list[np.ndarra
     values.flags.writeable = False
     if not (values.min() >= -MAX_ABS_VALUE and values.max() <= MAX_ABS_VALUE):  # both false for NaN
         return None
-    return [values[first:last].reshape(shape) for first, last, shape in spans]
+    return [values[first:last] if len(shape) == 1 else values[first:last].reshape(shape)
+            for first, last, shape in spans]
