@@ -8,6 +8,7 @@ field and the limit, so the writer and the reader refuse a bad value with the sa
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import datetime, timezone
@@ -67,6 +68,41 @@ def pack_canonical(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def is_canonical(data: bytes, obj: dict, blob_key: str) -> bool:
+    """Whether ``data == pack_canonical(obj)``, for a map whose ``blob_key`` value is a large bin
+    (the whole body, the tensor blob): the rest of the map is encoded and compared around it, the
+    bin is compared in place, so no second copy the size of the pack is made and compared.
+
+    A map's encoding is its header then each key and value in order, and a bin's is its header then
+    its bytes, so this compares exactly the bytes ``pack_canonical`` would write.
+    """
+    blob = obj[blob_key]
+    if not isinstance(blob, bytes):
+        raise TypeError(f"{blob_key} must be bytes, got {type(blob).__name__}")
+    packer = msgpack.Packer(use_bin_type=True)
+    head, tail = [packer.pack_map_header(len(obj))], []
+    part = head
+    for key, value in obj.items():
+        part.append(packer.pack(key))
+        if key == blob_key:
+            head.append(_bin_header(len(blob)))
+            part = tail
+        else:
+            part.append(packer.pack(value))
+    head, tail = b"".join(head), b"".join(tail)
+    return (len(data) == len(head) + len(blob) + len(tail) and data.startswith(head)
+            and data.startswith(blob, len(head)) and data.endswith(tail))
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin 8 / 16 / 32 header of an ``n``-byte bin, as ``pack_canonical`` writes it."""
+    if n < 2**8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 2**16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
 # --- value checks ---------------------------------------------------------------------------
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -102,9 +138,14 @@ def check_text(value, where: str, max_chars: int, pattern: str | None = None,
         raise PackLimitError(f"{where} is longer than {max_chars} characters ({show(value)})")
     if not value.isprintable():  # refuses Cc, Cf, Cs, Co, Cn, Zl, Zp and non-ASCII spaces
         raise PackLimitError(f"{where} has control or invisible characters: {show(value)}")
-    if pattern is not None and not re.fullmatch(pattern, value):
+    if pattern is not None and not _compiled(pattern).fullmatch(value):
         raise PackLimitError(f"{where} must match {pattern}, got {show(value)}")
     return value
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)  # re's own cache costs more per lookup (a name is checked per layer)
 
 
 def parse_time(value, where: str) -> datetime:

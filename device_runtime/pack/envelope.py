@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..errors import BadSignatureError, MalformedPackError, UnknownFormatError, UntrustedKeyError
 from ..keys import key_id
 from .trust import TrustedKey, as_trusted
-from .codec import is_int, pack_canonical, show, unpack
+from .codec import is_canonical, is_int, pack_canonical, show, unpack
 from .limits import FORMAT_VERSION, MAGIC, MAX_PACK_BYTES, SIGNATURE_BYTES
 
 __all__ = ["Envelope", "ENVELOPE_FIELDS", "seal"]
@@ -80,7 +80,7 @@ class Envelope:
             extra = sorted(show(k) for k in set(obj) - set(ENVELOPE_FIELDS))
             raise MalformedPackError(f"envelope fields are wrong: missing {missing}, unexpected {extra}")
         envelope = cls(obj["key_id"], obj["payload"], obj["signature"])
-        if envelope.to_bytes() != data:
+        if not is_canonical(data, envelope.to_msgpack(), "payload"):
             raise MalformedPackError("envelope is not in km-edge's canonical msgpack encoding")
         return envelope
 

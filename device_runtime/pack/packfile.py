@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..errors import ExpiredPackError, MalformedPackError, PackError, PackLimitError
 from ..files import read_bounded, write_atomic
 from ..keys import key_id
-from .codec import format_time, one_line, pack_canonical, show, unpack
+from .codec import format_time, is_canonical, one_line, pack_canonical, show, unpack
 from .envelope import Envelope
 from .limits import MAX_INFO_ENTRIES, MAX_LABELS, MAX_PACK_BYTES, MAX_TENSORS
 from .records import BnEntry, Layer, Pack
@@ -68,7 +68,7 @@ def read_pack_file(path: str | os.PathLike, label: str | None = None) -> bytes:
 def parse_body(payload: bytes, n_bytes: int = 0) -> Pack:
     """The body record from signed payload bytes, refused unless they are its canonical encoding."""
     pack = Pack.from_msgpack(unpack(payload, "body", **_BODY_LIMITS), n_bytes=n_bytes)
-    if pack_canonical(pack.to_msgpack()) != payload:
+    if not is_canonical(payload, pack.to_msgpack(), "data"):
         raise MalformedPackError("body is not in km-edge's canonical msgpack encoding")
     return pack
 

@@ -6,14 +6,20 @@ message; ``to_msgpack`` / ``from_msgpack`` are each other's inverse, and the rea
 it parsed and refuses any body whose bytes differ (one encoding per pack: nothing in the file is
 ignored or read two ways). Tensors live in the index + blob of ``tensors.py``; records list them
 in a fixed order and hold them as float32 numpy arrays.
+
+The reader bounds every value of the blob at once (``tensors.read_tensors``) and builds the records
+with ``_values_checked``, so their tensors' shapes are checked but their values are not scanned a
+second time; any other caller's arrays are scanned one by one. A blob with a bad value is read
+without ``_values_checked``: the records then find the tensor and name it, in the usual order.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import datetime
+from itertools import islice
 
 import numpy as np
 
@@ -45,7 +51,7 @@ from .limits import (
     TASK_NAME_MAX,
     TASK_NAME_PATTERN,
 )
-from .tensors import DTYPES, TensorEntry, decode_tensors, encode_tensors
+from .tensors import DTYPES, TensorEntry, decode_tensors, encode_tensors, read_tensors
 
 __all__ = ["Layer", "BnEntry", "Pack", "METHODS", "HEAD_TENSORS", "BN_TENSORS", "BODY_FIELDS"]
 
@@ -66,9 +72,14 @@ _KEY_ID = re.compile(r"[0-9a-f]{16}")
 _BASE_ID = re.compile(r"[0-9a-f]{64}")
 
 
-def _tensor(array, where: str, ndim: int) -> np.ndarray:
-    """A finite float32 array of ``ndim`` non-empty dimensions, every |element| <= MAX_ABS_VALUE."""
-    if isinstance(array, np.ndarray) and array.dtype == np.float32 and not array.flags.writeable:
+def _tensor(array, where: str, ndim: int, values_checked: bool = False) -> np.ndarray:
+    """A finite float32 array of ``ndim`` non-empty dimensions, every |element| <= MAX_ABS_VALUE.
+
+    ``values_checked``: the array is one of ``read_tensors``' (a read-only float32 view, its values
+    bounded with the whole blob's), so only its shape is left to check.
+    """
+    if values_checked or (isinstance(array, np.ndarray) and array.dtype == np.float32
+                          and not array.flags.writeable):
         out = array  # what the reader decodes (read-only, C order): no copy
     else:
         try:
@@ -82,6 +93,8 @@ def _tensor(array, where: str, ndim: int) -> np.ndarray:
         out.flags.writeable = False
     if out.ndim != ndim or 0 in out.shape:
         raise PackLimitError(f"{where} must be a non-empty {ndim}-D tensor, got shape {list(out.shape)}")
+    if values_checked:
+        return out
     largest = float(np.abs(out).max())  # NaN stays NaN; the method skips fromnumeric's overhead
     if not largest <= MAX_ABS_VALUE:  # also false for NaN
         problem = "values that are not finite" if not np.isfinite(largest) else f"values beyond +-{MAX_ABS_VALUE:g}"
@@ -90,7 +103,7 @@ def _tensor(array, where: str, ndim: int) -> np.ndarray:
 
 
 def _named(tensors, where: str, names: tuple[str, ...]) -> dict[str, object]:
-    if not isinstance(tensors, Mapping) or set(tensors) != set(names):
+    if not isinstance(tensors, Mapping) or tensors.keys() != set(names):
         got = sorted(map(show, tensors)) if isinstance(tensors, Mapping) else type(tensors).__name__
         raise PackLimitError(f"{where} must have exactly the tensors {list(names)}, got {got}")
     return {n: tensors[n] for n in names}
@@ -115,8 +128,9 @@ class Layer:
     activation: str
     scale: float
     tensors: Mapping[str, np.ndarray]
+    _values_checked: InitVar[bool] = False  # only from_msgpack's (module docstring)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _values_checked: bool) -> None:
         name = check_text(self.name, "layer name", 256, LAYER_NAME_PATTERN)
         where = f"layer {name}"
         if self.adapter == "km":
@@ -126,10 +140,11 @@ class Layer:
                 raise PackLimitError(f"{where}: activation must be one of {ACTIVATIONS}, got {show(self.activation)}")
             scale = check_float(self.scale, f"{where}: scale", *KM_SCALE_RANGE)
             raw = _named(self.tensors, f"{where}", MODULATOR_TENSORS)
-            w1 = _tensor(raw["w1"], f"{where}: w1", 2)
+            w1 = _tensor(raw["w1"], f"{where}: w1", 2, _values_checked)
             d, h = w1.shape
-            tensors = {"w1": w1, "b1": _tensor(raw["b1"], f"{where}: b1", 1),
-                       "w2": _tensor(raw["w2"], f"{where}: w2", 2), "b2": _tensor(raw["b2"], f"{where}: b2", 1)}
+            tensors = {"w1": w1, "b1": _tensor(raw["b1"], f"{where}: b1", 1, _values_checked),
+                       "w2": _tensor(raw["w2"], f"{where}: w2", 2, _values_checked),
+                       "b2": _tensor(raw["b2"], f"{where}: b2", 1, _values_checked)}
             if d > MAX_VECTOR or h > MAX_HIDDEN:
                 raise PackLimitError(
                     f"{where}: modulator {d} -> {h} exceeds the limits (vector {MAX_VECTOR}, hidden {MAX_HIDDEN})"
@@ -141,7 +156,8 @@ class Layer:
                                      f"{show(self.kind)}, {show(self.activation)}")
             scale = check_float(self.scale, f"{where}: scale", *LORA_SCALE_RANGE)
             raw = _named(self.tensors, f"{where}", LORA_TENSORS)
-            tensors = {"a": _tensor(raw["a"], f"{where}: a", 2), "b": _tensor(raw["b"], f"{where}: b", 2)}
+            tensors = {"a": _tensor(raw["a"], f"{where}: a", 2, _values_checked),
+                       "b": _tensor(raw["b"], f"{where}: b", 2, _values_checked)}
             rank, fan_in = tensors["a"].shape
             out_ch = tensors["b"].shape[0]
             if rank > MAX_LORA_RANK:
@@ -166,11 +182,12 @@ class Layer:
         return [self.name, self.kind, self.scale]
 
     @classmethod
-    def from_msgpack(cls, obj, where: str, adapter: str, activation: str, arrays: list) -> Layer:
+    def from_msgpack(cls, obj, where: str, adapter: str, activation: str, arrays: list,
+                     values_checked: bool = False) -> Layer:
         if not isinstance(obj, list) or len(obj) != 3:
             raise MalformedPackError(f"{where} must be [name, kind, scale], got {show(obj)}")
         return cls(obj[0], adapter, obj[1], activation, obj[2],
-                   dict(zip(cls.tensor_names(adapter), arrays, strict=True)))
+                   dict(zip(cls.tensor_names(adapter), arrays, strict=True)), values_checked)
 
     def summary(self, storage_dtype: str) -> dict:
         return {"name": self.name, "adapter": self.adapter, "kind": self.kind,
@@ -185,16 +202,17 @@ class BnEntry:
 
     name: str
     tensors: Mapping[str, np.ndarray]
+    _values_checked: InitVar[bool] = False  # only from_msgpack's (module docstring)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _values_checked: bool) -> None:
         name = check_text(self.name, "BN layer name", 256, LAYER_NAME_PATTERN)
         raw = _named(self.tensors, f"BN layer {name}", BN_TENSORS)
-        tensors = {n: _tensor(raw[n], f"BN layer {name}: {n}", 1) for n in BN_TENSORS}
+        tensors = {n: _tensor(raw[n], f"BN layer {name}: {n}", 1, _values_checked) for n in BN_TENSORS}
         shapes = {a.shape for a in tensors.values()}
         if len(shapes) != 1 or tensors["weight"].shape[0] > MAX_VECTOR:
             raise PackLimitError(f"BN layer {name}: tensors must be one length <= {MAX_VECTOR}, got "
                                  f"{sorted(list(s) for s in shapes)}")
-        if (tensors["running_var"] < 0).any():
+        if tensors["running_var"].min() < 0:  # NaN is refused above, with the tensor's name
             raise PackLimitError(f"BN layer {name}: running_var has negative values")
         object.__setattr__(self, "tensors", tensors)
 
@@ -202,10 +220,10 @@ class BnEntry:
         return self.name
 
     @classmethod
-    def from_msgpack(cls, obj, where: str, arrays: list) -> BnEntry:
+    def from_msgpack(cls, obj, where: str, arrays: list, values_checked: bool = False) -> BnEntry:
         if not isinstance(obj, str):
             raise MalformedPackError(f"{where} must be a layer name, got {show(obj)}")
-        return cls(obj, dict(zip(BN_TENSORS, arrays, strict=True)))
+        return cls(obj, dict(zip(BN_TENSORS, arrays, strict=True)), values_checked)
 
 
 # --- plain maps: preprocess, modulator, metrics, trainer ------------------------------------
@@ -301,8 +319,9 @@ class Pack:
     key_id: str = ""
     format_version: int = FORMAT_VERSION
     n_bytes: int = field(default=0, compare=False)
+    _values_checked: InitVar[bool] = False  # only from_msgpack's (module docstring)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _values_checked: bool) -> None:
         if not is_int(self.format_version) or self.format_version != FORMAT_VERSION:
             raise MalformedPackError(f"body format_version must be {FORMAT_VERSION}, got {show(self.format_version)}")
         if not isinstance(self.key_id, str) or not _KEY_ID.fullmatch(self.key_id):
@@ -337,7 +356,8 @@ class Pack:
             if len(set(names)) != len(names):
                 raise PackLimitError(f"{what} names the same layer twice")
         raw = _named(self.head, "head", HEAD_TENSORS)
-        head = {"weight": _tensor(raw["weight"], "head weight", 2), "bias": _tensor(raw["bias"], "head bias", 1)}
+        head = {"weight": _tensor(raw["weight"], "head weight", 2, _values_checked),
+                "bias": _tensor(raw["bias"], "head bias", 1, _values_checked)}
         n_classes, features = head["weight"].shape
         if n_classes != len(labels) or head["bias"].shape != (n_classes,) or features > MAX_FEATURES:
             raise PackLimitError(
@@ -385,9 +405,13 @@ class Pack:
         return out
 
     def to_msgpack(self) -> dict:
-        # a pack that was read keeps its index and blob: decode_tensors checked that encoding its
-        # arrays gives back exactly these bytes, so they are not encoded a second time
-        entries, blob = getattr(self, "_encoded", None) or encode_tensors(self.arrays(), self.storage_dtype)
+        # a pack that was read keeps its index and blob as read: the reader checked that encoding
+        # its arrays gives back exactly these, so they are not encoded a second time
+        encoded = getattr(self, "_encoded", None)
+        if encoded is None:
+            entries, blob = encode_tensors(self.arrays(), self.storage_dtype)
+            encoded = [e.to_msgpack() for e in entries], blob
+        index, blob = encoded
         body = {
             "format_version": self.format_version, "key_id": self.key_id, "task": self.task,
             "pack_version": self.pack_version, "created": self.created, "expires": self.expires,
@@ -396,7 +420,7 @@ class Pack:
             "layers": [layer.to_msgpack() for layer in self.layers],
             "bn": [entry.to_msgpack() for entry in self.bn],
             "metrics": self.metrics, "trainer": self.trainer,
-            "tensors": [e.to_msgpack() for e in entries], "data": blob,
+            "tensors": index, "data": blob,
         }
         return {k: body[k] for k in BODY_FIELDS}
 
@@ -429,11 +453,15 @@ class Pack:
                 f"tensors has {len(index)} entries; {len(layers)} layers, the head and "
                 f"{len(bn)} BN layers need {needed} (at most {MAX_TENSORS})"
             )
-        entries = [TensorEntry.from_msgpack(e, f"tensors[{i}]") for i, e in enumerate(index)]
-        arrays = iter(decode_tensors(entries, obj["data"], dtype))
+        decoded = read_tensors(index, obj["data"], dtype)
+        checked = decoded is not None
+        if not checked:  # something is off: the checks one by one name the entry or tensor at fault
+            entries = [TensorEntry.from_msgpack(e, f"tensors[{i}]") for i, e in enumerate(index)]
+            decoded = decode_tensors(entries, obj["data"], dtype)
+        arrays = iter(decoded)
 
         def take(n: int) -> list:
-            return [next(arrays) for _ in range(n)]
+            return list(islice(arrays, n))
 
         modulator = obj["modulator"]
         activation = modulator.get("activation") if isinstance(modulator, dict) and method == "km" else ""
@@ -441,14 +469,15 @@ class Pack:
             task=obj["task"], pack_version=obj["pack_version"], created=obj["created"],
             base_id=obj["base_id"], labels=obj["labels"], preprocess=obj["preprocess"],
             method=method, modulator=modulator, storage_dtype=dtype,
-            layers=[Layer.from_msgpack(x, f"layers[{i}]", method, activation, take(per_layer))
+            layers=[Layer.from_msgpack(x, f"layers[{i}]", method, activation, take(per_layer), checked)
                     for i, x in enumerate(layers)],
             head=dict(zip(HEAD_TENSORS, take(len(HEAD_TENSORS)), strict=True)),
-            bn=[BnEntry.from_msgpack(x, f"bn[{i}]", take(len(BN_TENSORS))) for i, x in enumerate(bn)],
+            bn=[BnEntry.from_msgpack(x, f"bn[{i}]", take(len(BN_TENSORS)), checked) for i, x in enumerate(bn)],
             metrics=obj["metrics"], trainer=obj["trainer"], expires=obj["expires"],
             key_id=obj["key_id"], format_version=obj["format_version"], n_bytes=n_bytes,
+            _values_checked=checked,
         )
-        object.__setattr__(pack, "_encoded", (entries, obj["data"]))
+        object.__setattr__(pack, "_encoded", (index, obj["data"]))
         return pack
 
     # --- views ------------------------------------------------------------------------------

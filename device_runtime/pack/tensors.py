@@ -5,6 +5,11 @@ offset that is a multiple of ``TENSOR_ALIGNMENT`` (zero padding between tensors,
 last), so a float32 tensor is read as a view of the blob without copying. Only the shape and the
 offset cost bytes per tensor, which is what lets a float16 pack be close to half its float32 pack.
 Which tensor is which follows from the records (``records.py``), in the order they list them.
+
+The reader takes ``read_tensors``: one pass over the index and one bound on every value of the blob,
+rather than a dozen numpy calls per tensor. When that pass finds anything off, the reader falls back
+on the entry-by-entry checks (``TensorEntry``, ``decode_tensors``, the records' own), which name
+the entry or tensor at fault.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import numpy as np
 
 from ..errors import MalformedPackError, PackLimitError
 from .codec import check_int, show
-from .limits import MAX_DIM, MAX_PACK_BYTES, STORAGE_DTYPES, TENSOR_ALIGNMENT
+from .limits import MAX_ABS_VALUE, MAX_DIM, MAX_PACK_BYTES, STORAGE_DTYPES, TENSOR_ALIGNMENT
 
-__all__ = ["TensorEntry", "encode_tensors", "decode_tensors", "DTYPES"]
+__all__ = ["TensorEntry", "encode_tensors", "decode_tensors", "read_tensors", "DTYPES"]
 
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 MAX_TENSOR_DIMS = 2  # every pack tensor is a vector or a matrix
@@ -112,3 +117,45 @@ def decode_tensors(entries: list[TensorEntry], blob: bytes, storage_dtype: str) 
     if offset != len(blob):
         raise MalformedPackError(f"the data blob has {len(blob) - offset} bytes no tensor uses")
     return arrays
+
+
+def read_tensors(index: list, blob: bytes, storage_dtype: str) -> list[np.ndarray] | None:
+    """The reader's fast path: read-only float32 arrays, views of one array, for a msgpack ``index``
+    of ``[offset, [dims]]`` entries that ``TensorEntry`` and ``decode_tensors`` accept and a blob whose
+    every value is finite with |value| <= MAX_ABS_VALUE (the bound ``records`` puts on each tensor);
+    None when anything is off, and the caller then runs those checks one by one for the message.
+
+    It accepts nothing they refuse: each condition below is one of theirs, written for plain ints
+    and lists (what msgpack decodes), and the blob's values are bounded together, padding included
+    (zero once checked), so the records need not scan each tensor's values again.
+    """
+    itemsize = DTYPES[storage_dtype].itemsize
+    spans, end = [], 0
+    for item in index:
+        if type(item) is not list or len(item) != 2:
+            return None
+        offset, shape = item
+        if type(shape) is not list or not 1 <= len(shape) <= MAX_TENSOR_DIMS:
+            return None
+        count = 1
+        for n in shape:
+            if type(n) is not int or not 1 <= n <= MAX_DIM:
+                return None
+            count *= n
+        start = aligned(end)  # also a multiple of TENSOR_ALIGNMENT, as every offset must be
+        if type(offset) is not int or offset != start or offset > MAX_PACK_BYTES:
+            return None
+        if start != end and blob[end:start].strip(b"\0"):
+            return None
+        end = start + count * itemsize
+        if end > len(blob):
+            return None
+        spans.append((start // itemsize, end // itemsize, shape))
+    if end != len(blob) or not spans:
+        return None
+    values = np.frombuffer(blob, DTYPES[storage_dtype]).astype(np.float32, copy=False)  # float16: widened once
+    values.flags.writeable = False
+    if not (values.min() >= -MAX_ABS_VALUE and values.max() <= MAX_ABS_VALUE):  # both false for NaN
+        return None
+    return [values[first:last] if len(shape) == 1 else values[first:last].reshape(shape)
+            for first, last, shape in spans]
