@@ -97,8 +97,12 @@ def test_next_write_removes_stale_temporaries_of_dead_writers(tmp_path):
 
 
 SLOW_WRITER = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
     import device_runtime.files as files
+
+    # Ctrl-C as in a foreground terminal, even when the test run itself was started in the
+    # background (a shell's `cmd &` starts it with SIGINT ignored, and children inherit that)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def slow_fsync(fd):  # stands for a large write: the temporary file exists, the rename not yet
         print("writing", flush=True)
