@@ -649,29 +649,43 @@ def bench_cmd(pack_path, base_dir, pubkeys, batch, repeats, runs, threads, provi
 @command(main, "verify")
 @click.argument("pack_path", type=click.Path())
 @with_options(device_options)
+@click.option("--probe", is_flag=True,
+              help="Also rebuild the kernels, build the session and check the scores on a mid-grey image "
+                   "are finite (what serve checks before a swap; needs the base).")
 @state_option
-def verify_cmd(pack_path, base_dir, pubkeys, state_path, as_json):
+def verify_cmd(pack_path, base_dir, pubkeys, probe, state_path, as_json):
     """Check a pack's signature, key, format, anti-rollback state and (where the base is here) its
-    base and shapes. Records nothing."""
+    base and shapes; with --probe, also build it and score one image. Records nothing."""
     from device_runtime.pack import read_pack
 
     rollback = _rollback_state(state_path)
     base = _default_base_dir(base_dir)
+    probe_ms = None
     if (base / "manifest.json").exists():
-        loaded = _runtime(base_dir, pubkeys).check_pack(pack_path)
-        pack, checked_base = loaded, True
+        runtime = _runtime(base_dir, pubkeys)  # no rollback state given: it records nothing
+        if probe:
+            loaded = runtime.load_pack(pack_path, probe=True)
+            pack, probe_ms = loaded.pack, round(loaded.timings_ms["probe"], 3)
+        else:
+            pack = runtime.check_pack(pack_path)
+        checked_base = True
+    elif probe:
+        raise click.UsageError(f"--probe builds the pack on its base, and {base} has no manifest.json; "
+                               "point --base (or KM_EDGE_BASE) at the base folder")
     else:
         pack, checked_base = read_pack(pack_path, _trusted_keys(pubkeys)), False
     rollback.check(pack, Path(pack_path).name)
     report = {"pack": str(pack_path), "ok": True, "task": pack.task, "version": pack.pack_version,
               "key_id": pack.key_id, "base_id": pack.base_id, "base_checked": checked_base,
+              "probed": probe, "probe_ms": probe_ms,
               "recorded_version": rollback.recorded(pack.task, pack.key_id)}
     recorded = report["recorded_version"]
     relation = ("no version recorded on this device" if recorded is None else
                 f"newer than recorded v{recorded}" if pack.pack_version > recorded else f"the recorded v{recorded}")
     report["version_relation"] = relation
     _emit(report, as_json, f"{printable(pack_path)}: OK (task {printable(pack.task)}, v{pack.pack_version}, key {pack.key_id}"
-          + (", matches base" if checked_base else "; base not checked: no base dir") + f"; {relation})")
+          + (", matches base" if checked_base else "; base not checked: no base dir")
+          + (", scores a probe image finitely" if probe else "") + f"; {relation})")
 
 
 @command(main, "inspect")

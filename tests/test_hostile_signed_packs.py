@@ -296,6 +296,31 @@ def test_run_refuses_a_nan_pack_with_one_line_and_valid_json(tiny_base_dir, key_
             assert result.stdout == ""  # no predictions printed
 
 
+def test_verify_probe_refuses_a_pack_whose_scores_overflow(tiny_base_dir, key_dir, signing_key, tmp_path):
+    """`verify` checks what it can without building; `verify --probe` builds the pack and refuses
+    it as serve would, one line, exit 2; a sound pack passes and says it was probed."""
+    runtime = Runtime(tiny_base_dir, {keys.key_id(signing_key): signing_key.public_key()})
+    hostile = make_pack(tmp_path / "hostile.kmp", runtime.base, signing_key, layers=overflowing_modulators(runtime))
+    sound = make_pack(tmp_path / "sound.kmp", runtime.base, signing_key)
+
+    def verify(path, *extra):
+        return subprocess.run([KM_EDGE, "verify", path, "--base", tiny_base_dir, "--pubkey",
+                               key_dir / "signing.pub", "--json", *extra], capture_output=True, text=True)
+
+    assert verify(hostile).returncode == 0  # nothing refuses it before it is built
+    result = verify(hostile, "--probe")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hostile.kmp" in lines[0] and "not finite" in lines[0]
+    result = verify(sound, "--probe")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["probed"] is True and report["probe_ms"] > 0 and report["base_checked"] is True
+    result = subprocess.run([KM_EDGE, "verify", sound, "--base", tmp_path / "nowhere", "--pubkey",
+                             key_dir / "signing.pub", "--probe"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--probe" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_json_output_never_holds_nan():
     from km_edge.cli import _emit
 

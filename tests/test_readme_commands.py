@@ -47,6 +47,7 @@ COMMANDS = [
     ("km-edge run --pack birds.kmp photo.jpg --json", "device", 0),
     ("km-edge eval --pack birds.kmp labelled-folder/", "device", 0),
     ("km-edge verify birds.kmp", "device", 0),
+    ("km-edge verify birds.kmp --probe", "device", 0),
     ("km-edge inspect birds.kmp", "device", 0),
     # `serve` runs until stopped: started with `--port 0 --json` added (8080 may be taken on a
     # shared test machine; the JSON line names the port it got), answered once, then SIGTERM: exit 0
@@ -186,6 +187,7 @@ def test_every_readme_command_runs_on_the_demo(tmp_path):
     top3 = results["km-edge run --pack birds.kmp photo1.jpg photo2.jpg --top-k 3"].stdout.splitlines()
     assert len(top3) == 2 and all(line.count(",") == 2 for line in top3)
     assert "OK" in results["km-edge verify birds.kmp"].stdout
+    assert "scores a probe image finitely" in results["km-edge verify birds.kmp --probe"].stdout
     assert "labels" in results["km-edge inspect birds.kmp"].stdout
     for index, (command, where, _) in enumerate(COMMANDS):
         if where == "scratch":  # init only writes the settings and keys; nothing is downloaded
