@@ -244,15 +244,14 @@ class Runtime:
                     self._digests[str(path)] = (signature, digest)
         if cached is not None:
             self._check_version(path, pack)
+            cached.path = path
             if probe and not cached.probed:
                 try:
-                    self._check_scores(path, pack, cached.backend)
+                    self.probe(cached)
                 except NonFiniteError:
                     self._evict(digest)
                     raise
-                cached.probed = True
             self._cache.move_to_end(digest)
-            cached.path = path
             cached.timings_ms.update(timings, rebuild=0.0, session=0.0, probe=0.0)
             cached.timings_ms.pop("preprocess", None)
             cached.timings_ms.pop("infer", None)
