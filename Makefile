@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast test-arm64 bench-transfer bench-transfer-quick bench-serve bench-device bench-data bench-transfer-real clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py device_runtime/_kmnative.c Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)

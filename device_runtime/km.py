@@ -15,7 +15,8 @@ How ``W`` is cut into the vectors that ``g`` maps is the modulator *kind*:
 The torch parametrization in ``km_edge.adapters`` imports the layout helpers below and is tested
 against :func:`modulate`, the definition. The device rebuilds with :func:`modulate_fast` (through
 :func:`rebuild_kernels`): the same numbers within float32 rounding, computed near the memory floor
-(tests/test_fast_rebuild.py holds the two together). The same module holds the LoRA update so
+by a compiled kernel where the install built one (device_runtime.native), else by numpy
+(tests/test_fast_rebuild.py and tests/test_native_rebuild.py hold them to the definition). The same module holds the LoRA update so
 packs of that baseline can run on the device too.
 """
 
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import native
 from .errors import ShapeMismatchError
 
 if TYPE_CHECKING:  # the record imports this module (pack -> km), never the other way at run time
@@ -201,7 +203,8 @@ def modulate(
 
 # --- the fast rebuild ---------------------------------------------------------------------------
 # The rebuild's floor is memory traffic: read W once, write W' once. modulate() makes about ten
-# full-size temporaries per layer; the fast path instead walks the rows in blocks whose working set
+# full-size temporaries per layer. The compiled kernel (_kmnative.c via device_runtime.native)
+# fuses every step per row; without it, the numpy path walks the rows in blocks whose working set
 # stays in L2, computes every step in place in float32, folds 1/s into w1 and +1 into b2, and
 # turns the one-hidden-unit case (the default 1x1 channel modulator) into a broadcast multiply
 # instead of an outer product through matmul.
@@ -246,9 +249,15 @@ def modulate_fast(
     activation: str,
     scale: float,
     out: np.ndarray | None = None,
+    use_native: bool | None = None,
 ) -> np.ndarray:
-    """:func:`modulate`, blocked and in place (within ~1e-7 of it); writes into ``out`` if given
-    (float32, C-contiguous, the weight's shape)."""
+    """:func:`modulate`, fused (within ~1e-6 of it); writes into ``out`` if given (float32,
+    C-contiguous, the weight's shape).
+
+    The compiled kernel (device_runtime.native) computes it where the install built it, else numpy
+    in L2-sized blocks; ``use_native``: None (the kernel where available), False (numpy), True
+    (the kernel, or RuntimeError saying why it is absent).
+    """
     weight = np.asarray(weight, dtype=np.float32)
     kind, w1, b1, w2, b2 = _modulator_arrays(weight.shape, tensors, kind)
     if out is None:
@@ -263,15 +272,30 @@ def modulate_fast(
     h = w1.shape[1]
     if n == 0:
         return out
-    # Augmented hidden [act(v @ w1 / s + b1), 1] so one matmul gives the whole gain:
+    # g(v) + 1 = act(v @ (w1 / s) + b1) * gain @ (w2 / gain) + (b2 + 1), where gain is what
+    # _activate_inplace leaves (2 for gelu: one multiply fewer per hidden unit)
+    w1_scaled = np.multiply(w1, 1.0 / float(scale), dtype=np.float32)
+    w2_scaled = np.multiply(w2, 1.0 / _ACTIVATION_GAIN[activation], dtype=np.float32)
+    b2_plus_one = np.add(b2, 1.0, dtype=np.float32)
+    if use_native is None:
+        use_native = native.available()
+    elif use_native and not native.available():
+        raise RuntimeError(f"the compiled rebuild kernel is not in use: {native.REASON}")
+    if use_native:
+        source = rows if rows.flags.c_contiguous else np.ascontiguousarray(rows)
+        if native.modulate_rows(source, result, w1_scaled, b1, w2_scaled, b2_plus_one, activation):
+            if not direct:
+                out[...] = from_vectors(result, kind, weight.shape)
+            return out
+    # numpy: augmented hidden [act(v @ w1 / s + b1), 1] so one matmul gives the whole gain:
     # [a, 1] @ [[w2 / activation gain], [b2 + 1]] = g(v) + 1. Few numpy calls per layer (their
     # overhead is most of the cost on small layers), none that broadcasts over a large block.
     first = np.zeros((d + 1, h + 1), dtype=np.float32)  # [[w1 / s, 0], [b1, 0]]
-    np.multiply(w1, 1.0 / float(scale), out=first[:d, :h])
+    first[:d, :h] = w1_scaled
     first[d, :h] = b1
     second = np.empty((h + 1, d), dtype=np.float32)  # [[w2 / gain], [b2 + 1]]
-    np.multiply(w2, 1.0 / _ACTIVATION_GAIN[activation], out=second[:h])
-    np.add(b2, 1.0, out=second[h])
+    second[:h] = w2_scaled
+    second[h] = b2_plus_one
     w1_aug, b1_aug = first[:d], first[d]
     block = min(n, max(_MIN_BLOCK_ROWS, BLOCK_BYTES // (4 * (2 * d + 2 * (h + 1)))))
     if block < n:  # several blocks: add b1 as a tiled block (a row-broadcast add is slow)
@@ -335,6 +359,36 @@ def rebuild_size(base_kernels: dict[str, np.ndarray], layers: list[Layer]) -> in
                for layer in layers if layer.name in base_kernels)
 
 
+def _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads) -> list[bool]:
+    """Rebuild in one compiled call every KM layer whose rows are the output's layout; which
+    layers it did (none without the kernel: numpy does them all, and any layer the kernel leaves
+    out, where modulate_fast names what does not fit). Lean on purpose: on a small base the
+    per-layer Python here was as long as the arithmetic."""
+    if not native.available():
+        return [False] * len(layers)
+    jobs, picked = [], []
+    for i, (layer, shape, offset) in enumerate(zip(layers, shapes, offsets)):
+        activation = layer.activation
+        if layer.adapter != "km" or activation not in _ACTIVATION_GAIN:
+            continue
+        spatial = shape[2] * shape[3]
+        if layer.kind == "kernel" or (layer.kind == "auto" and spatial > 1):
+            d = spatial
+        elif spatial == 1:
+            d = shape[1]
+        else:
+            continue  # channel vectors of a spatial kernel: modulate_fast transposes them
+        tensors = layer.tensors
+        jobs.append(native.Job(base_kernels[layer.name], d, offset, tensors["w1"], tensors["b1"],
+                               tensors["w2"], tensors["b2"], activation, layer.scale,
+                               _ACTIVATION_GAIN[activation]))
+        picked.append(i)
+    done = [False] * len(layers)
+    for i, did in zip(picked, native.modulate_layers(jobs, arena, threads)):
+        done[i] = did
+    return done
+
+
 def rebuild_kernels(
     base_kernels: dict[str, np.ndarray], layers: list[Layer], threads: int | None = None,
     buffer: np.ndarray | None = None,
@@ -363,14 +417,16 @@ def rebuild_kernels(
         raise ValueError(f"buffer must be 1-D float32 with at least {sum(sizes)} elements")
     else:
         arena = buffer
-    outs, offset = [], 0
+    outs, offsets, offset = [], [], 0
     for shape, size in zip(shapes, sizes):
         outs.append(arena[offset:offset + size].reshape(shape))
+        offsets.append(offset)
         offset += size
-    # one call per layer: batching small layers of the same (d, h) into one padded group was
-    # measured slower (6-25 % on the registry bases) than modulate_fast's few calls per layer
+    done = _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads)
+    # numpy, one call per layer: batching small layers of the same (d, h) into one padded group
+    # was measured slower (6-25 % on the registry bases) than modulate_fast's few calls per layer
     tasks = [(size, lambda job=(base_kernels[layer.name], layer, out): _rebuild_one(*job))
-             for layer, out, size in zip(layers, outs, sizes)]
+             for layer, out, size, did in zip(layers, outs, sizes, done) if not did]
     if threads and threads > 1 and len(tasks) > 1:
         from concurrent.futures import ThreadPoolExecutor
 

@@ -1,0 +1,332 @@
+/* The kernel-modulation rebuild, fused: W' = W * (1 + g(W / s)) for every row of a layer.
+ *
+ * A plain C library (no Python API) that device_runtime/native.py loads with ctypes; numpy's
+ * km.modulate_fast is the fallback when it is absent, and km.modulate the definition both are
+ * tested against (tests/test_native_rebuild.py). Why it exists: numpy spends most of a big layer's
+ * rebuild in two tiny-K matmuls and a seven-pass GELU over temporaries, and on a small base in
+ * per-layer call overhead; here each row's hidden units stay in registers, and one call rebuilds
+ * every layer of a pack (km_modulate_layers).
+ *
+ * The modulator arrives prepared as km.modulate_fast prepares it (km_modulate_layers does it from
+ * the pack's tensors with the same float32 products):
+ *   w1  (d, h)  divided by s          b1 (h)
+ *   w2  (h, d)  divided by the activation's gain (2 for gelu: vact computes 2*gelu)
+ *   c2  (d)     b2 + 1
+ * Rows are processed VW at a time: short rows (3x3 and 5x5 kernel modulators, narrow 1x1 convs)
+ * transposed so every step runs across the VW rows, long rows vectorised along themselves with
+ * the VW dot products reduced by one transpose. Portable C with GCC/clang vector extensions: the
+ * compiler maps them to SSE/AVX or NEON; x86-64 builds add AVX2+FMA and AVX-512 clones chosen at
+ * load (target_clones). exp is a branch-free Cephes polynomial (relative error ~1e-7).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KM_ABI_VERSION 2
+/* how rows are vectorised: along themselves from ROW_MIN_D floats on (from 16 with one hidden
+ * unit), across VW rows below (measured on x86: 0.4-0.5 against 1.2-1.5 ns per weight at d 40-56,
+ * h 1; across wins at d 32, h 4) */
+#define ROW_MIN_D 64
+#define ROW_MIN_D_ONE_HIDDEN 16
+
+enum { ACT_RELU = 0, ACT_SILU = 1, ACT_TANH = 2, ACT_GELU = 3 };
+
+/* GCC/clang vector extensions: eight floats, split by the compiler into what the target has (two
+ * SSE or NEON registers, one AVX register) */
+#define VW 8
+typedef float vf __attribute__((vector_size(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW)));
+#define INLINE static inline __attribute__((always_inline))
+#pragma GCC diagnostic ignored "-Wpsabi" /* the vector helpers are always inlined: no ABI crosses */
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define KM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KM_CLONES
+#endif
+
+INLINE vf splat(float a) { return (vf){a, a, a, a, a, a, a, a}; }
+INLINE vf vsel(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+INLINE vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
+INLINE vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
+/* out[k][r] = in[r][k] for an 8x8 block: three rounds of two-input shuffles, which compilers map
+ * to unpck/shufps/vperm2f128 on AVX and zip/trn on NEON */
+INLINE void transpose8(const vf *in, vf *out)
+{
+    vf t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = SHUFFLE(in[i], in[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = SHUFFLE(in[i], in[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = SHUFFLE(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 1] = SHUFFLE(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[i + 2] = SHUFFLE(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 3] = SHUFFLE(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int i = 0; i < 4; i++) {
+        out[i] = SHUFFLE(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        out[i + 4] = SHUFFLE(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+/* exp(x), Cephes expf (relative error ~1e-7), branch-free */
+INLINE vf vexp(vf x)
+{
+    x = vmax(vmin(x, splat(88.0f)), splat(-87.0f)); /* -87: the result stays a normal float */
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    vf r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)bits;
+}
+
+/* act(x) * gain, as km._activate_inplace leaves it: 2*gelu for gelu, the plain function else */
+INLINE vf vact(vf x, int act)
+{
+    switch (act) {
+    case ACT_RELU:
+        return vmax(x, splat(0.0f));
+    case ACT_SILU:
+        return x / (1.0f + vexp(-x));
+    case ACT_TANH: { /* tanh(x) = 2 / (1 + exp(-2x)) - 1 */
+        return 2.0f / (1.0f + vexp(-2.0f * x)) - 1.0f;
+    }
+    default: { /* 2*gelu(x) = x*(1 + tanh(z)) = 2x / (1 + exp(-2z)), z = x*(C + C*A*x^2) */
+        vf z = x * (0.7978845608028654f + 0.035677408136300125f * x * x);
+        return 2.0f * x / (1.0f + vexp(-2.0f * z));
+    }
+    }
+}
+
+/* VW short rows (a full tile: VW * d floats) at once, transposed so every step runs across the
+ * rows; xt (d vectors) and hid (h vectors) are the caller's. Always inlined: called with constant
+ * d and h, the loops unroll and xt and hid live in registers. */
+INLINE void tile_across(const float *restrict x, float *restrict y, int64_t d, int64_t h,
+                        const float *restrict w1, const float *restrict b1,
+                        const float *restrict w2, const float *restrict c2, int act,
+                        vf *restrict xt, vf *restrict hid)
+{
+    int64_t k0 = d - d % VW; /* columns [0, k0) come through in-register transposes, VW at a time */
+    for (int64_t c = 0; c < k0; c += VW) {
+        vf rows[VW];
+        for (int r = 0; r < VW; r++) memcpy(&rows[r], x + r * d + c, sizeof(vf));
+        transpose8(rows, xt + c);
+    }
+    for (int64_t k = k0; k < d; k++)
+        xt[k] = (vf){x[k], x[d + k], x[2 * d + k], x[3 * d + k],
+                     x[4 * d + k], x[5 * d + k], x[6 * d + k], x[7 * d + k]};
+    for (int64_t j = 0; j < h; j++) hid[j] = splat(b1[j]);
+    for (int64_t k = 0; k < d; k++)
+        for (int64_t j = 0; j < h; j++) hid[j] += xt[k] * w1[k * h + j];
+    for (int64_t j = 0; j < h; j++) hid[j] = vact(hid[j], act);
+    for (int64_t k = 0; k < d; k++) {
+        vf gk = splat(c2[k]);
+        for (int64_t j = 0; j < h; j++) gk += hid[j] * w2[j * d + k];
+        gk *= xt[k];
+        if (k < k0) xt[k] = gk; /* the output takes the input's place, transposed back below */
+        else for (int r = 0; r < VW; r++) y[r * d + k] = gk[r];
+    }
+    for (int64_t c = 0; c < k0; c += VW) {
+        vf rows[VW];
+        transpose8(xt + c, rows);
+        for (int r = 0; r < VW; r++) memcpy(y + r * d + c, &rows[r], sizeof(vf));
+    }
+}
+
+/* n short rows: whole tiles in place, the last partial one through a zero-padded copy;
+ * pad: 2 * VW * d floats */
+INLINE void rows_across(const float *restrict x, float *restrict y, int64_t n, int64_t d, int64_t h,
+                        const float *restrict w1, const float *restrict b1,
+                        const float *restrict w2, const float *restrict c2, int act,
+                        vf *restrict xt, vf *restrict hid, float *restrict pad)
+{
+    int64_t whole = n - n % VW;
+    for (int64_t start = 0; start < whole; start += VW)
+        tile_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
+    if (whole < n) {
+        int64_t tail = (n - whole) * d;
+        memset(pad, 0, sizeof(float) * (size_t)(VW * d));
+        memcpy(pad, x + whole * d, sizeof(float) * (size_t)tail);
+        tile_across(pad, pad + VW * d, d, h, w1, b1, w2, c2, act, xt, hid);
+        memcpy(y + whole * d, pad + VW * d, sizeof(float) * (size_t)tail);
+    }
+}
+
+/* VW long rows at once (a full tile), each vectorised along itself; the VW dot products of a hidden
+ * unit are reduced together by one transpose, so every step has VW independent chains.
+ * w1t: w1 transposed (h, d); hid: h vectors (across the rows); gain: d floats. */
+INLINE void tile_along(const float *restrict x, float *restrict y, int64_t d, int64_t h,
+                       const float *restrict w1t, const float *restrict b1,
+                       const float *restrict w2, const float *restrict c2, int act,
+                       vf *restrict hid, float *restrict gain)
+{
+    int64_t whole = d - d % VW;
+    for (int64_t j = 0; j < h; j++) {
+        const float *w = w1t + j * d;
+        vf acc[VW], sums[VW];
+        for (int r = 0; r < VW; r++) acc[r] = splat(0.0f);
+        for (int64_t k = 0; k < whole; k += VW) {
+            vf wk;
+            memcpy(&wk, w + k, sizeof wk);
+            for (int r = 0; r < VW; r++) {
+                vf xk;
+                memcpy(&xk, x + r * d + k, sizeof xk);
+                acc[r] += xk * wk;
+            }
+        }
+        transpose8(acc, sums); /* sums[l][r]: lane l of row r's partial sums */
+        vf total = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+        for (int64_t k = whole; k < d; k++)
+            for (int r = 0; r < VW; r++) total[r] += x[r * d + k] * w[k];
+        hid[j] = vact(total + b1[j], act);
+    }
+    for (int r = 0; r < VW; r++) {
+        const float *xr = x + r * d;
+        float *yr = y + r * d;
+        if (h == 1) { /* the default channel modulator */
+            float a = hid[0][r];
+            for (int64_t k = 0; k < d; k++) yr[k] = xr[k] * (c2[k] + a * w2[k]);
+            continue;
+        }
+        memcpy(gain, c2, sizeof(float) * (size_t)d);
+        for (int64_t j = 0; j < h; j++) {
+            float a = hid[j][r];
+            const float *w = w2 + j * d;
+            for (int64_t k = 0; k < d; k++) gain[k] += a * w[k];
+        }
+        for (int64_t k = 0; k < d; k++) yr[k] = xr[k] * gain[k];
+    }
+}
+
+/* n long rows: whole tiles in place, the last partial one through a zero-padded copy
+ * (pad: 2 * VW * d floats) */
+INLINE void rows_along(const float *restrict x, float *restrict y, int64_t n, int64_t d, int64_t h,
+                       const float *restrict w1t, const float *restrict b1,
+                       const float *restrict w2, const float *restrict c2, int act,
+                       vf *restrict hid, float *restrict gain, float *restrict pad)
+{
+    int64_t whole = n - n % VW;
+    for (int64_t start = 0; start < whole; start += VW)
+        tile_along(x + start * d, y + start * d, d, h, w1t, b1, w2, c2, act, hid, gain);
+    if (whole < n) {
+        int64_t tail = (n - whole) * d;
+        memset(pad, 0, sizeof(float) * (size_t)(VW * d));
+        memcpy(pad, x + whole * d, sizeof(float) * (size_t)tail);
+        tile_along(pad, pad + VW * d, d, h, w1t, b1, w2, c2, act, hid, gain);
+        memcpy(y + whole * d, pad + VW * d, sizeof(float) * (size_t)tail);
+    }
+}
+
+int km_abi_version(void) { return KM_ABI_VERSION; }
+
+/* y[i] = x[i] * (1 + g(x[i] / s)) for n rows of length d (both C-contiguous, not overlapping).
+ * w1t is w1 transposed (h, d), used for long rows. Returns 0, or -1 when scratch cannot be had
+ * or an argument is out of range (the caller then uses numpy). Threads may call it at once. */
+KM_CLONES
+int km_modulate_rows(const float *x, float *y, int64_t n, int64_t d, int64_t h,
+                     const float *w1, const float *w1t, const float *b1, const float *w2,
+                     const float *c2, int act)
+{
+    if (n < 0 || d < 1 || h < 1 || act < ACT_RELU || act > ACT_GELU) return -1;
+    if (n == 0) return 0;
+/* each activation its own call site, so it is inlined without a per-element switch */
+#define BY_ACTIVATION(CALL)                            \
+    switch (act) {                                     \
+    case ACT_RELU: CALL(ACT_RELU); break;              \
+    case ACT_SILU: CALL(ACT_SILU); break;              \
+    case ACT_TANH: CALL(ACT_TANH); break;              \
+    default: CALL(ACT_GELU); break;                    \
+    }
+    if (d < (h == 1 ? ROW_MIN_D_ONE_HIDDEN : ROW_MIN_D)) {
+        float pad[2 * VW * ROW_MIN_D];
+        /* the default kernel modulators of 3x3 and 5x5 convs: constant sizes, so registers */
+        if (d == 9 && h == 8) {
+            vf xt[9], hid[8];
+#define ACROSS(A) rows_across(x, y, n, 9, 8, w1, b1, w2, c2, A, xt, hid, pad)
+            BY_ACTIVATION(ACROSS)
+#undef ACROSS
+            return 0;
+        }
+        if (d == 25 && h == 8) {
+            vf xt[25], hid[8];
+#define ACROSS(A) rows_across(x, y, n, 25, 8, w1, b1, w2, c2, A, xt, hid, pad)
+            BY_ACTIVATION(ACROSS)
+#undef ACROSS
+            return 0;
+        }
+        vf *scratch = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(d + h));
+        if (!scratch) return -1;
+#define ACROSS(A) rows_across(x, y, n, d, h, w1, b1, w2, c2, A, scratch, scratch + d, pad)
+        BY_ACTIVATION(ACROSS)
+#undef ACROSS
+        free(scratch);
+        return 0;
+    }
+    /* hid (h vectors), gain (d floats), pad (2 * VW * d floats) */
+    size_t bytes = sizeof(vf) * (size_t)h + sizeof(float) * (size_t)(d + 2 * VW * d);
+    vf *scratch = aligned_alloc(sizeof(vf), (bytes + sizeof(vf) - 1) / sizeof(vf) * sizeof(vf));
+    if (!scratch) return -1;
+    float *gain = (float *)(scratch + h), *pad = gain + d;
+#define ALONG(A) rows_along(x, y, n, d, h, w1t, b1, w2, c2, A, scratch, gain, pad)
+    BY_ACTIVATION(ALONG)
+#undef ALONG
+#undef BY_ACTIVATION
+    free(scratch);
+    return 0;
+}
+
+/* Every layer of a pack in one call (the per-call cost of Python and ctypes was most of a small
+ * base's rebuild). Per layer i, meta[8i..8i+7] = n, d, h, act, x (address of the frozen rows),
+ * y offset (floats into arena), params offset (floats into params: w1 (d, h), b1 (h), w2 (h, d),
+ * b2 (d), as the pack stores them), 0; scales[2i], scales[2i+1] = 1/s, 1/activation gain.
+ * The modulator is prepared here exactly as km.modulate_fast prepares it (float32 products), so
+ * this gives the same numbers as km_modulate_rows per layer. Returns 0, or -(i + 1) for the
+ * first layer that could not be rebuilt. */
+int km_modulate_layers(int64_t count, const int64_t *meta, const float *scales,
+                       const float *params, float *arena)
+{
+    int64_t most = 0;
+    for (int64_t i = 0; i < count; i++) {
+        int64_t dh = meta[8 * i + 1] * meta[8 * i + 2];
+        if (meta[8 * i + 1] < 1 || meta[8 * i + 2] < 1) return (int)-(i + 1);
+        most = dh > most ? dh : most;
+    }
+    /* w1 / s, its transpose, w2 / gain (d*h each) and b2 + 1 (d <= d*h) */
+    float *prepared = malloc(sizeof(float) * (size_t)(4 * most + 1));
+    if (!prepared) return -1;
+    int status = 0;
+    for (int64_t i = 0; i < count && status == 0; i++) {
+        const int64_t *m = meta + 8 * i;
+        int64_t n = m[0], d = m[1], h = m[2];
+        const float *w1 = params + m[6], *b1 = w1 + d * h, *w2 = b1 + h, *b2 = w2 + h * d;
+        float inv_s = scales[2 * i], inv_gain = scales[2 * i + 1];
+        float *w1s = prepared, *w1t = w1s + most, *w2s = w1t + most, *c2 = w2s + most;
+        for (int64_t k = 0; k < d; k++)
+            for (int64_t j = 0; j < h; j++) {
+                w1s[k * h + j] = w1[k * h + j] * inv_s;
+                w1t[j * d + k] = w1s[k * h + j];
+            }
+        for (int64_t e = 0; e < h * d; e++) w2s[e] = w2[e] * inv_gain;
+        for (int64_t k = 0; k < d; k++) c2[k] = b2[k] + 1.0f;
+        if (km_modulate_rows((const float *)(intptr_t)m[4], arena + m[5], n, d, h, w1s, w1t, b1,
+                             w2s, c2, (int)m[3]) != 0)
+            status = (int)-(i + 1);
+    }
+    free(prepared);
+    return status;
+}
