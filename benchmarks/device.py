@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from device_runtime.native import ENV as NATIVE_ENV  # noqa: E402  (after the path: runs from a checkout)
+
 DEFAULT_BASES = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "efficientnet_b0", "tf_efficientnet_lite0"]
 ROTATION_PACKS = 6   # distinct packs loaded round-robin ...
 ROTATION_CACHE = 4   # ... into a cache this size
@@ -183,7 +185,8 @@ def ort_side_graph(runtime, pack) -> bytes:
 
 
 def child_ort_side(base: str, pubkey: str, pack_path: str, repeats: int) -> dict:
-    """ORT-side rebuild vs km-edge's numpy rebuild, end to end, interleaved in one process."""
+    """ORT-side rebuild vs km-edge's own rebuild (its engine: compiled kernel or numpy), end to end,
+    interleaved in one process."""
     import numpy as np
     import onnxruntime as ort
 
@@ -208,13 +211,13 @@ def child_ort_side(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
     ours, theirs = runtime.features(images), backend.features(images)
     max_diff = float(np.abs(theirs - ours).max() / max(1e-30, float(np.abs(ours).max())))
     # folded or not: a subgraph ORT did not fold would run at every inference
-    infer = {"numpy": [], "ort_side": []}
+    infer = {"km_edge": [], "ort_side": []}
     for _ in range(5):
-        for key, model in (("numpy", runtime), ("ort_side", backend)):
+        for key, model in (("km_edge", runtime), ("ort_side", backend)):
             start = time.perf_counter()
             model.features(images[:1])
             infer[key].append((time.perf_counter() - start) * 1000.0)
-    ort_ms, numpy_ms = [], []
+    ort_ms, ours_ms = [], []
     for _ in range(repeats):
         del backend
         backend, ms = ort_side_load()
@@ -222,10 +225,10 @@ def child_ort_side(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
         runtime.clear_cache()
         start = time.perf_counter()
         runtime.load_pack(pack_path)
-        numpy_ms.append((time.perf_counter() - start) * 1000.0)
+        ours_ms.append((time.perf_counter() - start) * 1000.0)
     graph_copy.unlink()
     return {"ort_side_load_ms": {"median": statistics.median(ort_ms), "min": min(ort_ms)},
-            "numpy_load_ms": {"median": statistics.median(numpy_ms), "min": min(numpy_ms)},
+            "km_edge_load_ms": {"median": statistics.median(ours_ms), "min": min(ours_ms)},
             "features_max_rel_diff": max_diff, "onnxruntime": ort.__version__,
             "infer_batch1_ms": {k: statistics.median(v) for k, v in infer.items()}}
 
@@ -239,7 +242,7 @@ def child_rebuild_cost(base: str, pubkey: str, pack_path: str, repeats: int) -> 
 
     import numpy as np
 
-    from device_runtime import km
+    from device_runtime import km, native
     from device_runtime.pack import read_pack, read_pack_file
 
     runtime = _runtime(base, pubkey, 1)
@@ -269,6 +272,7 @@ def child_rebuild_cost(base: str, pubkey: str, pack_path: str, repeats: int) -> 
             np.copyto(outputs[layer.name], kernels[layer.name])
         floor.append((time.perf_counter() - start) * 1000.0)
     return {"floor_ms": {"median": statistics.median(floor), "min": min(floor)},
+            "engine": native.engine(),
             "rebuild_ms": timings, "macs_per_weight": round(macs / max(1, weights), 1),
             "activation": layers[0].activation if layers else None}
 
@@ -278,20 +282,20 @@ def _pinned(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
 
 
-def _env() -> dict:
+def _env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra)
 
 
-def _json_of(command: list[str]) -> dict:
-    result = subprocess.run(command, capture_output=True, text=True, env=_env())
+def _json_of(command: list[str], **env) -> dict:
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(**env))
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
     return json.loads(result.stdout)
 
 
-def _child(cpu, kind: str, *args) -> dict:
-    return _json_of([*_pinned(cpu), sys.executable, __file__, "--child", kind, *map(str, args)])
+def _child(cpu, kind: str, *args, env: dict | None = None) -> dict:
+    return _json_of([*_pinned(cpu), sys.executable, __file__, "--child", kind, *map(str, args)], **(env or {}))
 
 
 def load_conditions() -> dict:
@@ -317,6 +321,9 @@ def write_markdown(path: Path, results: dict) -> None:
            "(an otherwise idle machine; ratios are taken inside one run)."),
         "",
         "## Pack load (CPU provider)",
+        "",
+        f"Kernels rebuilt by: {', '.join(sorted({r['bench']['fp32'].get('rebuild_engine', 'numpy') for r in results['bases'].values()}))} "
+        "(`native`: the compiled kernel, device_runtime/_kmnative.c; `numpy`: the fallback).",
         "",
         "| base | pack | conv MiB | verify | rebuild | session | load_pack total | plain session | total / plain | "
         "probe (serve) | with probe / plain | rebuild / floor | rebuild / fresh-array floor | cache hit | "
@@ -388,21 +395,25 @@ def write_markdown(path: Path, results: dict) -> None:
             "",
             "## Where the rebuild time goes (fp32 pack, each activation in place of GELU)",
             "",
-            "| base | MACs per conv weight | floor | gelu (default) | relu | tanh | silu | gelu / floor | relu / floor |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| base | engine | MACs per conv weight | floor | gelu (default) | relu | tanh | silu | gelu / floor | "
+            "relu / floor |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arch, row in results["bases"].items():
-            r = row.get("rebuild_cost")
-            if not r:
-                continue
-            f, t = r["floor_ms"]["median"], r["rebuild_ms"]
-            lines.append(
-                f"| {arch} | {r['macs_per_weight']} | {fmt(f, 2)} | "
-                + " | ".join(fmt(t[a]["median"], 2) for a in ("gelu", "relu", "tanh", "silu"))
-                + f" | **{fmt(t['gelu']['median'] / f, 1)}×** | **{fmt(t['relu']['median'] / f, 1)}×** |")
+            for key in ("rebuild_cost", "rebuild_cost_numpy"):
+                r = row.get(key)
+                if not r:
+                    continue
+                f, t = r["floor_ms"]["median"], r["rebuild_ms"]
+                lines.append(
+                    f"| {arch} | {r.get('engine', 'numpy')} | {r['macs_per_weight']} | {fmt(f, 2)} | "
+                    + " | ".join(fmt(t[a]["median"], 2) for a in ("gelu", "relu", "tanh", "silu"))
+                    + f" | **{fmt(t['gelu']['median'] / f, 1)}×** | **{fmt(t['relu']['median'] / f, 1)}×** |")
         lines += [
             "",
-            "Medians in ms of `km.rebuild_kernels` (one thread, warm buffer) over the pack's layers; *floor*: a "
+            "Medians in ms of `km.rebuild_kernels` (one thread, warm buffer) over the pack's layers, by the "
+            "compiled kernel (*native*, what a load uses where the install built it) and by the numpy fallback "
+            f"(`{NATIVE_ENV}=0`, measured in the same run); *floor*: a "
             "numpy read of the same conv bytes written into the same buffer, back to back (caches warmer than "
             "between loads). *MACs per conv weight*: multiply-adds of the modulators "
             "(both augmented matmuls and the final product) per weight rebuilt: a 3x3 kernel modulator with 8 "
@@ -414,7 +425,7 @@ def write_markdown(path: Path, results: dict) -> None:
             "",
             "## Alternative: onnxruntime does the rebuild (KM subgraph constant-folded at session creation)",
             "",
-            "| base | numpy rebuild + session (km-edge) | ORT-side: graph rewrite + session | ORT-side / numpy | "
+            "| base | km-edge: rebuild + session | ORT-side: graph rewrite + session | ORT-side / km-edge | "
             "features max diff (relative) | infer batch 1: km-edge / ORT-side |",
             "|---|---|---|---|---|---|",
         ]
@@ -422,10 +433,10 @@ def write_markdown(path: Path, results: dict) -> None:
             r = row.get("ort_side")
             if r:
                 lines.append(
-                    f"| {arch} | {fmt(r['numpy_load_ms']['median'])} ({fmt(r['numpy_load_ms']['min'])}) | "
+                    f"| {arch} | {fmt(r['km_edge_load_ms']['median'])} ({fmt(r['km_edge_load_ms']['min'])}) | "
                     f"{fmt(r['ort_side_load_ms']['median'])} ({fmt(r['ort_side_load_ms']['min'])}) | "
-                    f"**{r['ort_side_load_ms']['median'] / r['numpy_load_ms']['median']:.2f}×** | "
-                    f"{r['features_max_rel_diff']:.1e} | {fmt(r['infer_batch1_ms']['numpy'])} / "
+                    f"**{r['ort_side_load_ms']['median'] / r['km_edge_load_ms']['median']:.2f}×** | "
+                    f"{r['features_max_rel_diff']:.1e} | {fmt(r['infer_batch1_ms']['km_edge'])} / "
                     f"{fmt(r['infer_batch1_ms']['ort_side'])} ms |")
     lines += ["", "## GPU execution providers", "", results["gpu_note"], "", *target_lines(results), ""]
     path.write_text("\n".join(lines))
@@ -521,8 +532,10 @@ def main(argv=None) -> int:
         if not args.no_ort_side:
             print(f"[{arch}] ORT-side rebuild", flush=True)
             row["ort_side"] = _child(args.cpu, "ort-side", info["base"], pubkey, info["fp32"], args.repeats)
-        print(f"[{arch}] rebuild cost by activation", flush=True)
+        print(f"[{arch}] rebuild cost by activation, compiled kernel and numpy", flush=True)
         row["rebuild_cost"] = _child(args.cpu, "rebuild-cost", info["base"], pubkey, info["fp32"], args.repeats)
+        row["rebuild_cost_numpy"] = _child(args.cpu, "rebuild-cost", info["base"], pubkey, info["fp32"],
+                                           args.repeats, env={NATIVE_ENV: "0"})
         row["load_end"] = list(os.getloadavg())
         results["bases"][arch] = row
         b = row["bench"]["fp32"]

@@ -37,6 +37,13 @@ enum { ACT_RELU = 0, ACT_SILU = 1, ACT_TANH = 2, ACT_GELU = 3 };
 typedef float vf __attribute__((vector_size(4 * VW)));
 typedef int32_t vi __attribute__((vector_size(4 * VW)));
 #define INLINE static inline __attribute__((always_inline))
+#if defined(__clang__)
+#define UNROLL _Pragma("unroll 8")
+#elif defined(__GNUC__)
+#define UNROLL _Pragma("GCC unroll 8")
+#else
+#define UNROLL
+#endif
 #pragma GCC diagnostic ignored "-Wpsabi" /* the vector helpers are always inlined: no ABI crosses */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
@@ -77,10 +84,14 @@ INLINE void transpose8(const vf *in, vf *out)
     }
 }
 
-/* exp(x), Cephes expf (relative error ~1e-7), branch-free */
+/* exp(x), Cephes expf (relative error ~1e-7), branch-free, for x clamped to [-87, 60]
+ * (EXP_BOUNDS): -87 keeps the result a normal float; 60 because every caller divides by 1 + exp(x),
+ * and at 88 that quotient (a saturated gelu or silu of order 1e-37) times a small w2 gave denormal
+ * products, each a ~100-cycle microcode assist on x86: a third of a small base's rebuild. Past 60
+ * the quotient is below 1e-24 instead of exactly 0, far inside float32 noise of the sums it joins. */
 INLINE vf vexp(vf x)
 {
-    x = vmax(vmin(x, splat(88.0f)), splat(-87.0f)); /* -87: the result stays a normal float */
+    x = vmax(vmin(x, splat(60.0f)), splat(-87.0f)); /* see EXP_BOUNDS */
     vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
     vf r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
@@ -130,13 +141,17 @@ INLINE void tile_across(const float *restrict x, float *restrict y, int64_t d, i
     for (int64_t k = k0; k < d; k++)
         xt[k] = (vf){x[k], x[d + k], x[2 * d + k], x[3 * d + k],
                      x[4 * d + k], x[5 * d + k], x[6 * d + k], x[7 * d + k]};
-    for (int64_t j = 0; j < h; j++) hid[j] = splat(b1[j]);
-    for (int64_t k = 0; k < d; k++)
-        for (int64_t j = 0; j < h; j++) hid[j] += xt[k] * w1[k * h + j];
-    for (int64_t j = 0; j < h; j++) hid[j] = vact(hid[j], act);
+    /* the loops over the hidden units unrolled: with h a constant (the specialisations) every
+     * hid[j] is a register through the loops over the row */
+    UNROLL for (int64_t j = 0; j < h; j++) hid[j] = splat(b1[j]);
+    for (int64_t k = 0; k < d; k++) {
+        vf v = xt[k];
+        UNROLL for (int64_t j = 0; j < h; j++) hid[j] += v * w1[k * h + j];
+    }
+    UNROLL for (int64_t j = 0; j < h; j++) hid[j] = vact(hid[j], act);
     for (int64_t k = 0; k < d; k++) {
         vf gk = splat(c2[k]);
-        for (int64_t j = 0; j < h; j++) gk += hid[j] * w2[j * d + k];
+        UNROLL for (int64_t j = 0; j < h; j++) gk += hid[j] * w2[j * d + k];
         gk *= xt[k];
         if (k < k0) xt[k] = gk; /* the output takes the input's place, transposed back below */
         else for (int r = 0; r < VW; r++) y[r * d + k] = gk[r];

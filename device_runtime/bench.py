@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import native
 from .backends import make_backend
 from .runtime import release_memory
 
@@ -172,6 +173,7 @@ def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats:
         "provider": runtime.provider.name,
         "trt_fp16": runtime.provider.trt_fp16 if runtime.provider.name == "tensorrt" else None,
         "threads": runtime.threads,
+        "rebuild_engine": native.engine(),  # the compiled kernel, or numpy where the install has none
         "repeats": repeats,
         "conv_bytes": int(conv_bytes),
         "load_ms": load,

@@ -631,7 +631,7 @@ def bench_cmd(pack_path, base_dir, pubkeys, batch, repeats, runs, threads, provi
         f"  plain base session {plain['median']:.2f} ({plain['min']:.2f}); load / plain "
         f"{report['load_over_plain']['median']:.2f}x, with the probe (serve) "
         f"{report['load_with_probe_over_plain']['median']:.2f}x",
-        f"  rebuild / memory floor ({report['rebuild_floor_ms']['median']:.2f} ms for "
+        f"  rebuild ({report['rebuild_engine']}) / memory floor ({report['rebuild_floor_ms']['median']:.2f} ms for "
         f"{report['conv_bytes'] / 2**20:.1f} MiB into a reused buffer) {report['rebuild_over_floor']['median']:.2f}x"
         f" (fresh arrays {report['rebuild_floor_fresh_ms']['median']:.2f} ms: "
         f"{report['rebuild_over_floor_fresh']['median']:.2f}x)",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from test_device_runtime import device_folder, make_pack
 
+from device_runtime import native
 from device_runtime.basefiles import Base
 from device_runtime.bench import rotation_rss
 from device_runtime.keys import load_trusted_keys
@@ -42,6 +43,7 @@ def test_bench_reports_the_load_breakdown_references_and_inference(project):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["provider"] == "cpu" and report["task"] == "task0" and report["threads"] == 1
+    assert report["rebuild_engine"] == native.engine()  # what rebuilt the kernels being timed
     load = report["load_ms"]
     for key in ("verify", "rebuild", "session", "total", "cache_hit", "probe", "total_with_probe"):
         assert load[key]["n"] == 3 and 0 < load[key]["min"] <= load[key]["median"] <= load[key]["p90"]

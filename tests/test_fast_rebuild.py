@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 from test_device_runtime import export, make_pack, random_images
 
-from device_runtime import keys, km
+from device_runtime import keys, km, native
 from device_runtime.backends import fused_at_load
 from device_runtime.basefiles import write_base
 from device_runtime.errors import PackLimitError, ShapeMismatchError
@@ -49,12 +49,16 @@ def modulator(shape, kind, hidden, seed):
     return weight, tensors, km.kernel_scale(weight)
 
 
+@pytest.mark.parametrize("engine", ["numpy", "native"])
 @pytest.mark.parametrize("activation", km.ACTIVATIONS)
 @pytest.mark.parametrize("shape,kind,hidden", SHAPES, ids=[f"{s}-{k}-h{h}" for s, k, h in SHAPES])
-def test_fast_rebuild_matches_the_definition(shape, kind, hidden, activation):
+def test_fast_rebuild_matches_the_definition(shape, kind, hidden, activation, engine):
+    """Both rebuild engines: numpy's blocks and the compiled kernel (device_runtime.native)."""
+    if engine == "native" and not native.available():
+        pytest.skip(f"compiled kernel not in use: {native.REASON}")
     weight, tensors, scale = modulator(shape, kind, hidden, seed=hash((shape, kind)) % 1000)
     reference = km.modulate(weight, tensors, kind, activation, scale)
-    fast = km.modulate_fast(weight, tensors, kind, activation, scale)
+    fast = km.modulate_fast(weight, tensors, kind, activation, scale, use_native=engine == "native")
     assert fast.shape == weight.shape and fast.dtype == np.float32
     np.testing.assert_allclose(fast, reference, rtol=TOLERANCE, atol=TOLERANCE)
     assert np.abs(fast - weight).max() > 1e-2  # the modulators really change the kernel
