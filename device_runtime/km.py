@@ -379,9 +379,9 @@ def _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads) -> li
         else:
             continue  # channel vectors of a spatial kernel: modulate_fast transposes them
         tensors = layer.tensors
-        jobs.append(native.Job(base_kernels[layer.name], d, offset, tensors["w1"], tensors["b1"],
-                               tensors["w2"], tensors["b2"], activation, layer.scale,
-                               _ACTIVATION_GAIN[activation]))
+        # a plain tuple in native.Job's field order (a named tuple costs a microsecond a layer)
+        jobs.append((base_kernels[layer.name], d, offset, tensors["w1"], tensors["b1"],
+                     tensors["w2"], tensors["b2"], activation, layer.scale, _ACTIVATION_GAIN[activation]))
         picked.append(i)
     done = [False] * len(layers)
     for i, did in zip(picked, native.modulate_layers(jobs, arena, threads)):

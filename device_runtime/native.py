@@ -144,9 +144,9 @@ class Job(NamedTuple):
     gain: float  # what the kernel's activation leaves, act(x) * gain (km._ACTIVATION_GAIN)
 
 
-def modulate_layers(jobs: list[Job], arena: np.ndarray, threads: int | None = None) -> list[bool]:
-    """Every job in one call per thread, outputs into ``arena`` (1-D float32) at their offsets;
-    which jobs it did.
+def modulate_layers(jobs: list[Job | tuple], arena: np.ndarray, threads: int | None = None) -> list[bool]:
+    """Every job (a :class:`Job` or a plain tuple in its field order) in one call per thread,
+    outputs into ``arena`` (1-D float32) at their offsets; which jobs it did.
 
     A job whose sizes, types or place in the arena do not fit is left out (False: the caller's
     numpy path rebuilds it, or names what is wrong), so the C code only ever sees sizes and
@@ -184,7 +184,7 @@ def modulate_layers(jobs: list[Job], arena: np.ndarray, threads: int | None = No
     scales = np.frombuffer(array.array("f", scales), dtype=np.float32).reshape(-1, 2)
     flat = np.concatenate(params, axis=None)
     address = arena.ctypes.data
-    groups = _groups([jobs[i].kernel.size for i in taken], threads)
+    groups = _groups([jobs[i][0].size for i in taken], threads)
 
     def run(group: np.ndarray | None) -> int:
         group_meta = meta if group is None else meta[group]  # copies, alive through the call
