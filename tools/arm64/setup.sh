@@ -163,7 +163,12 @@ calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func
 if len(calls) != 1 or "BUILD_ENV" not in assigned:
     sys.exit("setup.py: expected one Extension(...) and BUILD_ENV; update tools/arm64/setup.sh")
 args = {k.arg: k.value for k in calls[0].keywords}
-literal = lambda node: ast.literal_eval(assigned[node.id] if isinstance(node, ast.Name) else node)
+
+
+def literal(node):  # a literal, or a module-level name bound to one
+    return ast.literal_eval(assigned[node.id] if isinstance(node, ast.Name) else node)
+
+
 sources, flags = literal(args["sources"]), literal(args["extra_compile_args"])
 if len(sources) != 1:
     sys.exit(f"setup.py: the kernel has sources {sources}, expected one; update tools/arm64/setup.sh")
