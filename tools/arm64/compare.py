@@ -5,11 +5,14 @@ evaluated; every refusal exit 2 with one ``km-edge: error:`` line, no traceback,
 subclass naming the reason), and arm64 must equal x86: the same tampered bytes refused with the
 same exit code, message and error class; the same verify / inspect output; logits within 1e-4;
 predictions and accuracy equal except on images whose x86 top-1/top-2 logit margin is within twice
-the largest logit difference (a near tie may go either way on another CPU).
+the largest logit difference (a near tie may go either way on another CPU). On each side the
+compiled rebuild kernel must be the engine (so the cross-compiled aarch64 kernel is what arm64
+ran) and within 1e-6 of the definition and of numpy in every rebuild case device_check recorded.
 
 Before trusting a pass it checks itself: deliberately broken copies of the arm64 result (a logit
 moved by 2e-4, a tampered pack accepted, another refusal message, other tampered bytes, torch
-installed, an x86 machine) must each be reported.
+installed, an x86 machine, kernels rebuilt by numpy, a compiled rebuild 1e-3 off, a rebuild case
+missing) must each be reported.
 
 Usage: python compare.py X86_JSON ARM64_JSON ARM64_SITE
 """
@@ -22,10 +25,11 @@ import sys
 
 import numpy as np
 
-from device_check import TASK, UNKNOWN_FORMAT_VERSION
+from device_check import NATIVE_DIFFS, TASK, UNKNOWN_FORMAT_VERSION, rebuild_cases
 
 LOGIT_ATOL = 1e-4
 PROBABILITY_ATOL = 1e-4
+NATIVE_ATOL = 1e-6  # compiled rebuild against the definition and numpy: float32 rounding only
 
 # words each refusal's one line must contain (the reason, not just "error")
 REASONS = {
@@ -105,7 +109,32 @@ def check_side(name: str, r: dict) -> list[str]:
         cls = getattr(errors, outcome["class"], None)
         if not (isinstance(cls, type) and issubclass(cls, errors.PackError)):
             bad.append(f"{name}: {case}: the Runtime API gave {outcome['class']}, not a PackError")
+    return bad + check_rebuild(name, r.get("rebuild") or {})
+
+
+def check_rebuild(name: str, rebuild: dict) -> list[str]:
+    """The compiled kernel rebuilt the kernels on this machine, within NATIVE_ATOL of the
+    definition and of numpy in every case."""
+    if rebuild.get("engine") != "native":  # then nothing native was measured: one line says why
+        return [f"{name}: kernels are rebuilt by {rebuild.get('engine')!r}, not the compiled kernel "
+                f"({rebuild.get('reason')})"]
+    bad: list[str] = []
+    cases = rebuild.get("cases") or {}
+    expected = [case for _, _, case in rebuild_cases()]
+    if sorted(cases) != sorted(expected):
+        bad.append(f"{name}: rebuild cases {sorted(cases)} are not {sorted(expected)}")
+    for case, diffs in cases.items():
+        for key in NATIVE_DIFFS:
+            value = diffs.get(key)
+            if value is None or not value <= NATIVE_ATOL:  # also catches NaN
+                shown = "not measured" if value is None else f"{value:.3g} > {NATIVE_ATOL:g}"
+                bad.append(f"{name}: rebuild {case}: max |{key.replace('_vs_', ' - ')}| {shown}")
     return bad
+
+
+def _largest_native_difference(r: dict, against: str) -> float:
+    return max(diffs[key] for diffs in r["rebuild"]["cases"].values()
+               for key in NATIVE_DIFFS if key.endswith(against))
 
 
 def _near_ties(logits: np.ndarray, tolerance: float) -> np.ndarray:
@@ -227,10 +256,23 @@ def broken_copies(arm: dict) -> dict[str, dict]:
     def on_x86(r):
         r["environment"]["machine"] = "x86_64"
 
+    def numpy_rebuild(r):  # what device_check records where the kernel does not load
+        r["rebuild"].update(engine="numpy", library=None, reason="not built")
+        for diffs in r["rebuild"]["cases"].values():
+            diffs.update(dict.fromkeys(NATIVE_DIFFS))
+
+    def native_off(r):
+        case = sorted(r["rebuild"]["cases"])[-1]
+        r["rebuild"]["cases"][case]["native_rows_vs_definition"] = 1e-3
+
+    def case_missing(r):
+        del r["rebuild"]["cases"][sorted(r["rebuild"]["cases"])[0]]
+
     for name, change in [("logit moved by 2e-4", move_logit), ("tampered pack accepted", accept_tampered),
                          ("another refusal message", other_message), ("another error class", other_class),
                          ("other tampered bytes", other_bytes), ("torch installed", with_torch),
-                         ("ran on x86", on_x86)]:
+                         ("ran on x86", on_x86), ("kernels rebuilt by numpy", numpy_rebuild),
+                         ("compiled rebuild 1e-3 off", native_off), ("a rebuild case missing", case_missing)]:
         variant(name, change)
     return out
 
@@ -256,11 +298,16 @@ def main() -> None:
     diff16 = float(np.abs(np.asarray(x86["logits"]["fp16"]) - np.asarray(arm["logits"]["fp16"])).max())
     acc = {side: (_json_out(r["cli"]["eval"]) or {}).get("accuracy") for side, r in (("x86", x86), ("arm64", arm))}
     env = arm["environment"]
+    rebuild = "; ".join(
+        f"{side} {r['rebuild']['library']}: max |native - definition| "
+        f"{_largest_native_difference(r, 'definition'):.2g}, |native - numpy| "
+        f"{_largest_native_difference(r, 'numpy'):.2g}" for side, r in (("x86", x86), ("arm64", arm)))
     print(f"arm64 ({env['machine']}, Python {env['python']}, numpy {env['numpy']}, onnxruntime "
           f"{env['onnxruntime']}, no torch) = x86: verify, inspect, run, eval; "
           f"{len(arm['refusals'])} refusal cases x (run, verify, verify --json, API) identical; "
           f"max |logit diff| fp32 {diff32:.2g}, fp16 {diff16:.2g} on {len(arm['images'])} images; "
           f"eval accuracy x86 {acc['x86']:.4f} arm64 {acc['arm64']:.4f}; "
+          f"compiled rebuild kernel in use on both, {len(rebuild_cases())} rebuild cases ({rebuild}); "
           f"{len(broken_copies(arm))} deliberately broken arm64 results all caught; "
           f"device checks took {x86['seconds']} s on x86, {arm['seconds']} s emulated")
 

@@ -9,6 +9,13 @@ The tampered packs are made HERE, on the machine being checked (a byte flipped i
 short, emptied, a format version nobody reads, a foreign file), so arm64 refuses packs that were
 tampered on arm64; compare.py checks that the tampered bytes and the refusals equal x86's.
 
+The compiled rebuild kernel is held to numpy and to the definition HERE too: which engine rebuilds
+kernels on this machine (``device_runtime.native``), and the largest differences between the
+kernel (one call for all layers, ``km.rebuild_kernels``, and row by row, ``km.modulate_fast``),
+numpy (``modulate_fast(use_native=False)``) and the definition (``km.modulate``), on the pack's
+layers with each activation and on odd shapes (rows not a multiple of the kernel's 8-row tiles,
+short and long rows, one to 17 hidden units).
+
 Usage: python device_check.py DEVICE_DIR RESULT_JSON
 DEVICE_DIR is a copy of the fixture's device/ folder; every path given to the CLI is relative to
 it, so messages are comparable across machines.
@@ -41,6 +48,18 @@ VAL = f"data/{TASK}/val"
 
 RUN_IMAGES = 3
 UNKNOWN_FORMAT_VERSION = 99
+
+# the rebuild cross-check: the compiled kernel ("native", through km_modulate_layers as a pack load
+# calls it, with and without threads, and through km_modulate_rows) against numpy and the definition
+NATIVE_DIFFS = ("native_layers_vs_definition", "native_layers_threaded_vs_definition",
+                "native_rows_vs_definition", "native_layers_vs_numpy", "native_rows_vs_numpy")
+REBUILD_THREADS = 3
+ODD_SHAPES = "odd shapes"
+ODD_D = (1, 4, 8, 9, 13, 16, 25, 40, 100)  # vector lengths: across and along the rows, both special cases
+ODD_H = (1, 3, 8, 17)
+ODD_ROWS = (1, 7, 13, 27, 67)  # none a multiple of the kernel's 8-row tile
+KERNEL_SIDES = {1: (1, 1), 4: (2, 2), 8: (2, 4), 9: (3, 3), 13: (1, 13), 16: (4, 4), 25: (5, 5),
+                40: (5, 8), 100: (10, 10)}  # (kh, kw) of a kernel modulator of length d
 
 
 # --- the CLI, in process ---------------------------------------------------------------------------
@@ -141,6 +160,107 @@ def logits_of(pack: str, images: list[str]) -> list[list[float]]:
     return runtime.logits(batch).astype(float).tolist()
 
 
+# --- the compiled rebuild kernel against numpy and the definition ---------------------------------
+def _largest_difference(a: dict, b: dict) -> float:
+    import numpy as np
+
+    return max(float(np.abs(a[name] - b[name]).max()) for name in a)
+
+
+def rebuild_differences(kernels: dict, layers: list) -> dict:
+    """Largest |difference| between the rebuild paths on these KM layers (native ones: None when
+    the kernel is not in use here)."""
+    from device_runtime import km, native
+
+    def each(**options) -> dict:
+        return {layer.name: km.modulate_fast(kernels[layer.name], layer.tensors, layer.kind,
+                                             layer.activation, layer.scale, **options)
+                for layer in layers}
+
+    definition = {layer.name: km.modulate(kernels[layer.name], layer.tensors, layer.kind,
+                                          layer.activation, layer.scale) for layer in layers}
+    numpy_path = each(use_native=False)
+    out = {"layers": len(layers), "numpy_vs_definition": _largest_difference(numpy_path, definition),
+           "largest_weight": max(float(abs(w).max()) for w in definition.values())}
+    if not native.available():
+        return {**out, **dict.fromkeys(NATIVE_DIFFS)}
+    one_call = km.rebuild_kernels(kernels, layers)
+    threaded = km.rebuild_kernels(kernels, layers, threads=REBUILD_THREADS)
+    rows = each(use_native=True)
+    out.update({
+        "native_layers_vs_definition": _largest_difference(one_call, definition),
+        "native_layers_threaded_vs_definition": _largest_difference(threaded, definition),
+        "native_rows_vs_definition": _largest_difference(rows, definition),
+        "native_layers_vs_numpy": _largest_difference(one_call, numpy_path),
+        "native_rows_vs_numpy": _largest_difference(rows, numpy_path),
+    })
+    return out
+
+
+def odd_layers(activation: str) -> tuple[dict, list]:
+    """Kernels and KM layers of odd shapes (ODD_D x ODD_H, kernel and channel modulators, the
+    latter on 1x1 and 3x3 convs), values as tests/test_fast_rebuild.py draws them; the same on
+    every machine (numpy's PCG64)."""
+    import numpy as np
+
+    from device_runtime import km
+    from device_runtime.pack import Layer
+
+    rng = np.random.default_rng(2026)
+    kernels, layers, count = {}, [], 0
+    for d in ODD_D:
+        for h in ODD_H:
+            for kind, spatial in (("kernel", KERNEL_SIDES[d]), ("channel", (1, 1)), ("channel", (3, 3))):
+                n = ODD_ROWS[count % len(ODD_ROWS)]
+                count += 1
+                if kind == "kernel":
+                    in_channels = 3 if n % 3 == 0 else 1
+                    shape = (n // in_channels, in_channels, *spatial)
+                else:  # rows: out channels x kh x kw
+                    shape = (n if spatial == (1, 1) else max(1, n // 9), d, *spatial)
+                weight = rng.normal(0, 0.2, shape).astype(np.float32)
+                tensors = {name: rng.normal(0, 0.4, size).astype(np.float32)
+                           for name, size in km.modulator_shapes(d, h).items()}
+                tensors["w1"] *= np.float32(2.5 / np.sqrt(d))
+                name = f"odd-{kind}-{spatial[0]}x{spatial[1]}-d{d}-h{h}-n{weight.size // d}"
+                kernels[name] = weight
+                layers.append(Layer(name, "km", kind, activation, km.kernel_scale(weight), tensors))
+    return kernels, layers
+
+
+def rebuild_cases() -> list[tuple[str, str, str]]:
+    """(pack or ODD_SHAPES, activation, case name) of every rebuild cross-check."""
+    from device_runtime.km import ACTIVATIONS
+
+    return [(source, activation, f"{source} {activation}")
+            for source in (GOOD, GOOD_FP16, ODD_SHAPES) for activation in ACTIVATIONS]
+
+
+def rebuild_check() -> dict:
+    """The engine that rebuilds kernels here, and the rebuild paths' differences on the fixture's
+    base and packs (each layer with every activation) and on odd shapes."""
+    from dataclasses import replace
+
+    from device_runtime import km, native
+    from device_runtime.basefiles import Base
+    from device_runtime.keys import load_trusted_keys
+    from device_runtime.pack import read_pack
+
+    kernels = Base.open(BASE).conv_kernels()
+    trusted = load_trusted_keys([PUBKEY])
+    cases = {}
+    for source, activation, name in rebuild_cases():
+        if source == ODD_SHAPES:
+            cases[name] = rebuild_differences(*odd_layers(activation))
+            continue
+        layers = [layer for layer in read_pack(source, trusted).layers if layer.adapter == "km"]
+        if not layers:
+            raise SystemExit(f"device_check: {source} has no KM layer to rebuild")
+        cases[name] = rebuild_differences(kernels, [replace(layer, activation=activation) for layer in layers])
+    return {"engine": native.engine(), "reason": native.REASON,
+            "library": None if native.PATH is None else native.PATH.name, "cases": cases}
+
+
 def environment() -> dict:
     import numpy
     import onnxruntime
@@ -204,6 +324,9 @@ def main() -> None:
     result["images"] = images
     result["logits"] = {"fp32": logits_of(GOOD, images), "fp16": logits_of(GOOD_FP16, images)}
     section("logits")
+
+    result["rebuild"] = rebuild_check()
+    section("rebuild")
     result["seconds"] = round(time.monotonic() - started, 1)
     result["sections_s"] = {name: round(value, 1) for name, value in sections.items()}
     result_path.write_text(json.dumps(result, indent=1))

@@ -6,14 +6,18 @@
 #                  one), bytecode precompiled;
 #   CACHE/site     the project's plain (device) install's dependencies: aarch64 wheels resolved
 #                  from the km-edge wheel's own requirements (pyproject `dependencies`, no torch);
-#   CACHE/pkg      the km-edge wheel of this checkout (rebuilt on every run: it is the code under test).
+#   CACHE/pkg      the km-edge wheel of this checkout, built pure (KM_EDGE_NATIVE_BUILD=0: a wheel
+#                  with the host's compiled kernel would be tagged x86 and refused for aarch64), plus
+#                  its compiled rebuild kernel (device_runtime/_kmnative.c) cross-compiled for aarch64
+#                  with setup.py's KERNEL_FLAGS (rebuilt on every run: it is the code under test).
 # Rebuilt only when their inputs change (Debian packages, pyproject dependencies, pinned versions).
-# Any missing piece (qemu, dpkg-deb, the registries) ends it with one line on stderr and exit 1;
-# every network step is under a timeout, so nothing hangs.
+# Any missing piece (qemu, the cross compiler, dpkg-deb, the registries) ends it with one line on
+# stderr and exit 1; every network step is under a timeout, so nothing hangs. Missing qemu-user-static
+# and gcc-aarch64-linux-gnu are installed with apt-get when run as root.
 #
 # Environment: ARM64_CACHE (default REPO/.arm64), HOST_PYTHON (python with pip; default python3),
 # ARM64_DEBIAN_MIRROR, ARM64_DEBIAN_SECURITY (default deb.debian.org), ARM64_QEMU (the qemu-user
-# binary, default qemu-aarch64-static).
+# binary, default qemu-aarch64-static), ARM64_CC (the cross compiler, default aarch64-linux-gnu-gcc).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -35,6 +39,7 @@ WHEEL_FLAGS=(--only-binary=:all: "${PLATFORMS[@]}" --python-version "$PYVER" --i
 PIP_NET=(--timeout 20 --retries 1 --disable-pip-version-check)
 SYSROOT=$CACHE/sysroot
 QEMU=${ARM64_QEMU:-qemu-aarch64-static}
+CROSS_CC=${ARM64_CC:-aarch64-linux-gnu-gcc}
 export QEMU_CPU=cortex-a72           # qemu's default CPU model made onnxruntime ~15x slower (issue 11)
 
 fail() { echo "test-arm64: $*" >&2; exit 1; }
@@ -56,22 +61,28 @@ step() {
     fi
 }
 
-# --- qemu and dpkg-deb --------------------------------------------------------------------------------
-command -v dpkg-deb >/dev/null || fail "dpkg-deb not found: the arm64 stage needs a Debian or Ubuntu host"
-if ! command -v "$QEMU" >/dev/null; then
+# need COMMAND PACKAGE: COMMAND, installing the Debian PACKAGE with apt-get (as root) when missing
+need() {
+    local command=$1 package=$2
+    command -v "$command" >/dev/null && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
-        echo "test-arm64: apt-get install qemu-user-static"
-        if ! timeout 300 apt-get install -y -q qemu-user-static >"$CACHE/logs/qemu.log" 2>&1; then
-            step "apt-get update (for qemu-user-static)" qemu-update 180 \
+        echo "test-arm64: apt-get install $package"
+        if ! timeout 300 apt-get install -y -q "$package" >"$CACHE/logs/$package.log" 2>&1; then
+            step "apt-get update (for $package)" "$package-update" 180 \
                 apt-get -o Acquire::http::Timeout=20 -o Acquire::Retries=1 update -q
-            step "apt-get install qemu-user-static" qemu 300 apt-get install -y -q qemu-user-static
+            step "apt-get install $package" "$package" 300 apt-get install -y -q "$package"
         fi
     else
-        fail "$QEMU not found: install qemu-user-static (as root: apt-get install qemu-user-static)"
+        fail "$command not found: install $package (as root: apt-get install $package)"
     fi
-fi
-command -v "$QEMU" >/dev/null || fail "$QEMU still missing after installing qemu-user-static"
+    command -v "$command" >/dev/null || fail "$command still missing after installing $package"
+}
+
+# --- qemu, the cross compiler and dpkg-deb ------------------------------------------------------------
+command -v dpkg-deb >/dev/null || fail "dpkg-deb not found: the arm64 stage needs a Debian or Ubuntu host"
+need "$QEMU" qemu-user-static
+need "$CROSS_CC" gcc-aarch64-linux-gnu
 "$PY" -m pip --version >/dev/null 2>&1 || fail "$PY has no pip (set HOST_PYTHON to a Python with pip)"
 HOST_PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
@@ -141,6 +152,33 @@ EOF
 fi
 
 # --- the plain install: km-edge wheel of this checkout + its dependencies as aarch64 wheels ----------
+# setup.py's facts about the compiled kernel, read (not imported) so they are written once there:
+# the switch that skips it, the extension's name and source, its compiler flags (one per line)
+kernel_build=$("$PY" - "$REPO/setup.py" 2>&1 <<'PYEOF'
+import ast, sys
+tree = ast.parse(open(sys.argv[1]).read())
+assigned = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
+calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Extension"]
+if len(calls) != 1 or "BUILD_ENV" not in assigned:
+    sys.exit("setup.py: expected one Extension(...) and BUILD_ENV; update tools/arm64/setup.sh")
+args = {k.arg: k.value for k in calls[0].keywords}
+
+
+def literal(node):  # a literal, or a module-level name bound to one
+    return ast.literal_eval(assigned[node.id] if isinstance(node, ast.Name) else node)
+
+
+sources, flags = literal(args["sources"]), literal(args["extra_compile_args"])
+if len(sources) != 1:
+    sys.exit(f"setup.py: the kernel has sources {sources}, expected one; update tools/arm64/setup.sh")
+print("\n".join([literal(assigned["BUILD_ENV"]), literal(calls[0].args[0]), sources[0], *flags]))
+PYEOF
+) || fail "cannot read the kernel's build from setup.py: $(printf '%s' "$kernel_build" | tail -n 1)"
+mapfile -t kernel_build <<<"$kernel_build"
+NATIVE_BUILD_ENV=${kernel_build[0]} KERNEL_MODULE=${kernel_build[1]} KERNEL_SOURCE=${kernel_build[2]}
+KERNEL_FLAGS=("${kernel_build[@]:3}")
+
 rm -rf "$CACHE/wheel"
 # the host's setuptools when it satisfies pyproject's build requirement (no network; a fresh venv
 # of Python 3.11 has setuptools 65, too old), else pip's isolated build
@@ -154,9 +192,14 @@ for requirement in tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requir
     if not match or have < (int(match[1]), int(match[2] or 0)):
         sys.exit(1)
 PYEOF
-step "building the km-edge wheel" wheel 300 "$PY" -m pip wheel --no-deps "${ISOLATION[@]}" "${PIP_NET[@]}" \
+step "building the km-edge wheel (pure: $NATIVE_BUILD_ENV=0)" wheel 300 \
+    env "$NATIVE_BUILD_ENV=0" "$PY" -m pip wheel --no-deps "${ISOLATION[@]}" "${PIP_NET[@]}" \
     -q -w "$CACHE/wheel" "$REPO"
 WHEEL=$(ls "$CACHE"/wheel/km_edge-*.whl)
+case "$WHEEL" in
+    *-py3-none-any.whl) ;;
+    *) fail "the km-edge wheel $(basename "$WHEEL") is not pure (py3-none-any) although $NATIVE_BUILD_ENV=0: setup.py no longer honours it" ;;
+esac
 # numerics and image decoding pinned to the host's versions where the host has them, so the logits
 # are compared between the same library versions on the two CPUs
 "$PY" - "$CACHE/constraints.txt" <<'EOF'
@@ -205,4 +248,20 @@ fi
 rm -rf "$CACHE/pkg"
 step "installing the km-edge wheel for arm64" pkg-install 120 "$PY" -m pip install --no-index --no-deps \
     "${WHEEL_FLAGS[@]}" --disable-pip-version-check -q --target "$CACHE/pkg" "$WHEEL"
+
+# the compiled rebuild kernel for aarch64, where pip would have put it (device_runtime/native.py
+# loads it by the interpreter's extension suffix), with the flags setup.py builds it with
+KERNEL_LIB=$CACHE/pkg/${KERNEL_MODULE//.//}.cpython-${PYVER/./}-aarch64-linux-gnu.so
+step "cross-compiling $KERNEL_SOURCE for aarch64 ($CROSS_CC ${KERNEL_FLAGS[*]} -fPIC -shared)" kernel 300 \
+    "$CROSS_CC" "${KERNEL_FLAGS[@]}" -fPIC -shared -o "$KERNEL_LIB.partial" "$REPO/$KERNEL_SOURCE"
+# an aarch64 shared object: ELF, 64-bit, little-endian, ET_DYN, EM_AARCH64 (`file` may be missing)
+elf=$("$PY" - "$KERNEL_LIB.partial" <<'PYEOF'
+import sys
+head = open(sys.argv[1], "rb").read(20)
+kind = (head[:4], head[4:6], int.from_bytes(head[16:18], "little"), int.from_bytes(head[18:20], "little"))
+print("ok" if kind == (b"\x7fELF", b"\x02\x01", 3, 183) else f"not an aarch64 shared object (header {head.hex()})")
+PYEOF
+) || elf="unreadable"
+[ "$elf" = ok ] || fail "the cross-compiled kernel $KERNEL_LIB.partial is $elf"
+mv "$KERNEL_LIB.partial" "$KERNEL_LIB"
 precompile "$CACHE/pkg"

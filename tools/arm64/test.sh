@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # `make test-arm64`: the device side on linux/arm64 under qemu-user, judged against x86.
-#   1. setup.sh: the cached arm64 userland + this checkout's plain (device) install for aarch64;
+#   1. setup.sh: the cached arm64 userland + this checkout's plain (device) install for aarch64,
+#      with the compiled rebuild kernel cross-compiled for it;
 #   2. fixture.py on the host (x86, torch): the demo base, packs and signed-but-wrong packs, made
 #      with this checkout's km-edge (cached until the code changes);
-#   3. device_check.py on x86 and then on emulated arm64, each in a fresh copy of the device folder;
-#   4. compare.py: every promise on each side, and arm64 = x86 (logits within 1e-4, identical
-#      refusals of packs tampered on arm64), after checking itself on deliberately broken results.
+#   3. device_check.py on x86 (this checkout, with the kernel its install built: `make test`'s
+#      `pip install -e`, or `python setup.py build_ext --inplace`) and then on emulated arm64, each
+#      in a fresh copy of the device folder;
+#   4. compare.py: every promise on each side (the compiled kernel rebuilds, within 1e-6 of numpy
+#      and the definition), and arm64 = x86 (logits within 1e-4, identical refusals of packs
+#      tampered on arm64), after checking itself on deliberately broken results.
 # Environment: HOST_PYTHON (the project's venv python, with torch), ARM64_CACHE (default .arm64),
 # ARM64_TIMEOUT (seconds for the emulated run, default 1200); setup.sh documents the rest.
 set -euo pipefail
@@ -32,6 +36,20 @@ stage() {
 }
 fail() { echo "test-arm64: $*" >&2; exit 1; }
 stage_started=$SECONDS stage_cpu=0
+
+# the x86 side runs this checkout, whose compiled kernel its install builds in place; without it
+# compare.py would fail after minutes of emulation, so say so now
+why=$(PYTHONPATH=$REPO "$PY" - "$PY" "$REPO" 2>&1 <<'PYEOF'
+import os, sys
+from device_runtime import native
+if native.REASON and native.PATH is None and os.environ.get(native.ENV, "1").strip() != "0":
+    print(f"{native.REASON}; build it in place: {sys.argv[1]} -m pip install -e {sys.argv[2]} (as make "
+          f"test does), or cd {sys.argv[2]} && {sys.argv[1]} setup.py build_ext --inplace")
+elif native.REASON:
+    print(native.REASON)
+PYEOF
+) || fail "this checkout's device_runtime does not import with $PY: $(printf '%s' "$why" | tail -n 1)"
+[ -z "$why" ] || fail "the x86 side would rebuild kernels with numpy, not the compiled kernel: $why"
 
 bash "$TOOLS/setup.sh"
 stage "arm64 userland and device install ready in $CACHE"
