@@ -1,8 +1,8 @@
 """The plain install is the device install: no torch, and `km-edge run / eval / verify` work.
 
-Builds a wheel of exactly what the Dockerfile copies (pyproject.toml, README.md, device_runtime/,
-km_edge/), installs it WITHOUT the [train] extra into a fresh venv, checks that torch is not there,
-and runs the letters pack of the demo project with that venv's `km-edge`. No network: the wheel's
+Builds a wheel of exactly what the Dockerfile copies (pyproject.toml, setup.py, README.md,
+device_runtime/, km_edge/; pip compiles the rebuild kernel, as on a device with a C compiler),
+installs it WITHOUT the [train] extra into a fresh venv, checks that torch is not there, and runs the letters pack of the demo project with that venv's `km-edge`. No network: the wheel's
 dependencies are copied from the running venv (their installed files, by each one's RECORD) and
 `pip check` confirms they satisfy it; pip itself installs with --no-index.
 """
@@ -23,7 +23,7 @@ import pytest
 from conftest import assert_same_predictions, images_allowed
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("pyproject.toml", "README.md", "device_runtime", "km_edge")
+SHIPPED = ("pyproject.toml", "setup.py", "README.md", "device_runtime", "km_edge")
 
 
 def _base_python() -> str:
@@ -50,7 +50,8 @@ def device_venv(tmp_path_factory) -> Path:
     for name in SHIPPED:
         origin = REPO / name
         if origin.is_dir():
-            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            # not the checkout's compiled kernel: the wheel build must compile its own
+            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
         elif origin.exists():
             shutil.copy2(origin, source / name)
         elif name == "README.md":  # pyproject names it as the long description
@@ -124,6 +125,11 @@ def test_plain_install_has_no_torch_and_runs_packs(device_venv, demo_project, le
     where = _run([python, "-c", "import device_runtime, km_edge.cli; print(device_runtime.__file__)"],
                  cwd=device_venv).stdout.strip()
     assert str(device_venv) in where
+    # with a C compiler on the machine (as here), the install compiled the rebuild kernel
+    engine = _run([python, "-c", "from device_runtime import native; print(native.engine(), native.PATH)"],
+                  cwd=device_venv).stdout.split()
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert engine[0] == "native" and str(device_venv) in engine[1], engine
 
     def cli(*args) -> subprocess.CompletedProcess:
         return _run([km_edge, *args], cwd=demo_project.root)
