@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define KM_ABI_VERSION 2
+#define KM_ABI_VERSION 3
 /* how rows are vectorised: along themselves from ROW_MIN_D floats on (from 16 with one hidden
  * unit), across VW rows below (measured on x86: 0.4-0.5 against 1.2-1.5 ns per weight at d 40-56,
  * h 1; across wins at d 32, h 4) */
@@ -57,6 +57,17 @@ INLINE vf splat(float a) { return (vf){a, a, a, a, a, a, a, a}; }
 INLINE vf vsel(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 INLINE vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
 INLINE vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+/* lanes whose float is NaN or infinite (exponent bits all ones): the rebuilt kernel must be finite,
+ * and checking here, while the value is in a register, saves the caller a pass over the output */
+INLINE vi nonfinite(vf v) { return ((vi)v & 0x7f800000) == 0x7f800000; }
+/* the same for one float, as bit 31 of the result (the exponent field plus one carries out only
+ * when it is all ones): plain integer ORs, so the loops it sits in still vectorise */
+INLINE uint32_t exponent_carry(float v)
+{
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (bits & 0x7f800000u) + 0x00800000u;
+}
 
 #if defined(__clang__)
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -125,14 +136,24 @@ INLINE vf vact(vf x, int act)
     }
 }
 
+/* the rows of a partial tile, checked after the fact (the zero rows padding it are not the
+ * kernel's, and must not count) */
+static int tail_nonfinite(const float *y, int64_t count)
+{
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < count; i++) bad |= exponent_carry(y[i]);
+    return (int)(bad >> 31);
+}
+
 /* VW short rows (a full tile: VW * d floats) at once, transposed so every step runs across the
  * rows; xt (d vectors) and hid (h vectors) are the caller's. Always inlined: called with constant
  * d and h, the loops unroll and xt and hid live in registers. */
-INLINE void tile_across(const float *restrict x, float *restrict y, int64_t d, int64_t h,
+INLINE vi tile_across(const float *restrict x, float *restrict y, int64_t d, int64_t h,
                         const float *restrict w1, const float *restrict b1,
                         const float *restrict w2, const float *restrict c2, int act,
                         vf *restrict xt, vf *restrict hid)
 {
+    vi bad = {0};
     int64_t k0 = d - d % VW; /* columns [0, k0) come through in-register transposes, VW at a time */
     for (int64_t c = 0; c < k0; c += VW) {
         vf rows[VW];
@@ -154,6 +175,7 @@ INLINE void tile_across(const float *restrict x, float *restrict y, int64_t d, i
         vf gk = splat(c2[k]);
         UNROLL for (int64_t j = 0; j < h; j++) gk += hid[j] * w2[j * d + k];
         gk *= xt[k];
+        bad |= nonfinite(gk);
         if (k < k0) xt[k] = gk; /* the output takes the input's place, transposed back below */
         else for (int r = 0; r < VW; r++) y[r * d + k] = gk[r];
     }
@@ -162,16 +184,18 @@ INLINE void tile_across(const float *restrict x, float *restrict y, int64_t d, i
         transpose8(xt + c, rows);
         for (int r = 0; r < VW; r++) memcpy(y + r * d + c, &rows[r], sizeof(vf));
     }
+    return bad;
 }
 
 /* two tiles (2 * VW short rows) at once, their steps interleaved: one tile's chains (the hidden
  * sums, GELU's exp and division, the output sums) are too short to keep the core busy; xt: 2 * d
  * vectors, hid: 2 * h */
-INLINE void pair_across(const float *restrict x, float *restrict y, int64_t d, int64_t h,
+INLINE vi pair_across(const float *restrict x, float *restrict y, int64_t d, int64_t h,
                         const float *restrict w1, const float *restrict b1,
                         const float *restrict w2, const float *restrict c2, int act,
                         vf *restrict xt, vf *restrict hid)
 {
+    vi bad = {0};
     int64_t k0 = d - d % VW;
     for (int t = 0; t < 2; t++) {
         const float *xs = x + t * VW * d;
@@ -206,6 +230,7 @@ INLINE void pair_across(const float *restrict x, float *restrict y, int64_t d, i
         }
         g0 *= xt[k];
         g1 *= xt[d + k];
+        bad |= nonfinite(g0) | nonfinite(g1);
         if (k < k0) {
             xt[k] = g0;
             xt[d + k] = g1;
@@ -222,20 +247,22 @@ INLINE void pair_across(const float *restrict x, float *restrict y, int64_t d, i
             transpose8(xt + t * d + c, rows);
             for (int r = 0; r < VW; r++) memcpy(y + (t * VW + r) * d + c, &rows[r], sizeof(vf));
         }
+    return bad;
 }
 
 /* n short rows: whole tiles in place, the last partial one through a zero-padded copy;
  * pad: 2 * VW * d floats */
-INLINE void rows_across(const float *restrict x, float *restrict y, int64_t n, int64_t d, int64_t h,
+INLINE int rows_across(const float *restrict x, float *restrict y, int64_t n, int64_t d, int64_t h,
                         const float *restrict w1, const float *restrict b1,
                         const float *restrict w2, const float *restrict c2, int act,
                         vf *restrict xt, vf *restrict hid, float *restrict pad)
 {
+    vi bad = {0};
     int64_t pairs = n - n % (2 * VW), whole = n - n % VW;
     for (int64_t start = 0; start < pairs; start += 2 * VW)
-        pair_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
+        bad |= pair_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
     for (int64_t start = pairs; start < whole; start += VW)
-        tile_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
+        bad |= tile_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
     if (whole < n) {
         int64_t tail = (n - whole) * d;
         memset(pad, 0, sizeof(float) * (size_t)(VW * d));
@@ -243,16 +270,20 @@ INLINE void rows_across(const float *restrict x, float *restrict y, int64_t n, i
         tile_across(pad, pad + VW * d, d, h, w1, b1, w2, c2, act, xt, hid);
         memcpy(y + whole * d, pad + VW * d, sizeof(float) * (size_t)tail);
     }
+    int any = whole < n && tail_nonfinite(y + whole * d, (n - whole) * d);
+    for (int r = 0; r < VW; r++) any |= bad[r] != 0;
+    return any;
 }
 
 /* VW long rows at once (a full tile), each vectorised along itself; the VW dot products of a hidden
  * unit are reduced together by one transpose, so every step has VW independent chains.
  * w1t: w1 transposed (h, d); hid: h vectors (across the rows); gain: d floats. */
-INLINE void tile_along(const float *restrict x, float *restrict y, int64_t d, int64_t h,
+INLINE uint32_t tile_along(const float *restrict x, float *restrict y, int64_t d, int64_t h,
                        const float *restrict w1t, const float *restrict b1,
                        const float *restrict w2, const float *restrict c2, int act,
                        vf *restrict hid, float *restrict gain)
 {
+    uint32_t bad = 0; /* bit 31 set: some output NaN or infinite (exponent_carry) */
     int64_t whole = d - d % VW;
     for (int64_t j = 0; j < h; j++) {
         const float *w = w1t + j * d;
@@ -278,7 +309,11 @@ INLINE void tile_along(const float *restrict x, float *restrict y, int64_t d, in
         float *yr = y + r * d;
         if (h == 1) { /* the default channel modulator */
             float a = hid[0][r];
-            for (int64_t k = 0; k < d; k++) yr[k] = xr[k] * (c2[k] + a * w2[k]);
+            for (int64_t k = 0; k < d; k++) {
+                float v = xr[k] * (c2[k] + a * w2[k]);
+                yr[k] = v;
+                bad |= exponent_carry(v);
+            }
             continue;
         }
         memcpy(gain, c2, sizeof(float) * (size_t)d);
@@ -287,20 +322,26 @@ INLINE void tile_along(const float *restrict x, float *restrict y, int64_t d, in
             const float *w = w2 + j * d;
             for (int64_t k = 0; k < d; k++) gain[k] += a * w[k];
         }
-        for (int64_t k = 0; k < d; k++) yr[k] = xr[k] * gain[k];
+        for (int64_t k = 0; k < d; k++) {
+            float v = xr[k] * gain[k];
+            yr[k] = v;
+            bad |= exponent_carry(v);
+        }
     }
+    return bad;
 }
 
 /* n long rows: whole tiles in place, the last partial one through a zero-padded copy
  * (pad: 2 * VW * d floats) */
-INLINE void rows_along(const float *restrict x, float *restrict y, int64_t n, int64_t d, int64_t h,
+INLINE int rows_along(const float *restrict x, float *restrict y, int64_t n, int64_t d, int64_t h,
                        const float *restrict w1t, const float *restrict b1,
                        const float *restrict w2, const float *restrict c2, int act,
                        vf *restrict hid, float *restrict gain, float *restrict pad)
 {
+    uint32_t bad = 0;
     int64_t whole = n - n % VW;
     for (int64_t start = 0; start < whole; start += VW)
-        tile_along(x + start * d, y + start * d, d, h, w1t, b1, w2, c2, act, hid, gain);
+        bad |= tile_along(x + start * d, y + start * d, d, h, w1t, b1, w2, c2, act, hid, gain);
     if (whole < n) {
         int64_t tail = (n - whole) * d;
         memset(pad, 0, sizeof(float) * (size_t)(VW * d));
@@ -308,13 +349,15 @@ INLINE void rows_along(const float *restrict x, float *restrict y, int64_t n, in
         tile_along(pad, pad + VW * d, d, h, w1t, b1, w2, c2, act, hid, gain);
         memcpy(y + whole * d, pad + VW * d, sizeof(float) * (size_t)tail);
     }
+    return (int)(bad >> 31) | (whole < n && tail_nonfinite(y + whole * d, (n - whole) * d));
 }
 
 int km_abi_version(void) { return KM_ABI_VERSION; }
 
 /* y[i] = x[i] * (1 + g(x[i] / s)) for n rows of length d (both C-contiguous, not overlapping).
- * w1t is w1 transposed (h, d), used for long rows. Returns 0, or -1 when scratch cannot be had
- * or an argument is out of range (the caller then uses numpy). Threads may call it at once. */
+ * w1t is w1 transposed (h, d), used for long rows. Returns 0 when every output is finite, 1 when
+ * some is NaN or infinite, -1 when scratch cannot be had or an argument is out of range (the caller
+ * then uses numpy). Threads may call it at once. */
 KM_CLONES
 int km_modulate_rows(const float *x, float *y, int64_t n, int64_t d, int64_t h,
                      const float *w1, const float *w1t, const float *b1, const float *w2,
@@ -322,6 +365,7 @@ int km_modulate_rows(const float *x, float *y, int64_t n, int64_t d, int64_t h,
 {
     if (n < 0 || d < 1 || h < 1 || act < ACT_RELU || act > ACT_GELU) return -1;
     if (n == 0) return 0;
+    int bad = 0;
 /* each activation its own call site, so it is inlined without a per-element switch */
 #define BY_ACTIVATION(CALL)                            \
     switch (act) {                                     \
@@ -335,47 +379,48 @@ int km_modulate_rows(const float *x, float *y, int64_t n, int64_t d, int64_t h,
         /* the default kernel modulators of 3x3 and 5x5 convs: constant sizes, so registers */
         if (d == 9 && h == 8) {
             vf xt[18], hid[16];
-#define ACROSS(A) rows_across(x, y, n, 9, 8, w1, b1, w2, c2, A, xt, hid, pad)
+#define ACROSS(A) bad = rows_across(x, y, n, 9, 8, w1, b1, w2, c2, A, xt, hid, pad)
             BY_ACTIVATION(ACROSS)
 #undef ACROSS
-            return 0;
+            return bad;
         }
         if (d == 25 && h == 8) {
             vf xt[50], hid[16];
-#define ACROSS(A) rows_across(x, y, n, 25, 8, w1, b1, w2, c2, A, xt, hid, pad)
+#define ACROSS(A) bad = rows_across(x, y, n, 25, 8, w1, b1, w2, c2, A, xt, hid, pad)
             BY_ACTIVATION(ACROSS)
 #undef ACROSS
-            return 0;
+            return bad;
         }
         vf *scratch = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(2 * (d + h)));
         if (!scratch) return -1;
-#define ACROSS(A) rows_across(x, y, n, d, h, w1, b1, w2, c2, A, scratch, scratch + 2 * d, pad)
+#define ACROSS(A) bad = rows_across(x, y, n, d, h, w1, b1, w2, c2, A, scratch, scratch + 2 * d, pad)
         BY_ACTIVATION(ACROSS)
 #undef ACROSS
         free(scratch);
-        return 0;
+        return bad;
     }
     /* hid (h vectors), gain (d floats), pad (2 * VW * d floats) */
     size_t bytes = sizeof(vf) * (size_t)h + sizeof(float) * (size_t)(d + 2 * VW * d);
     vf *scratch = aligned_alloc(sizeof(vf), (bytes + sizeof(vf) - 1) / sizeof(vf) * sizeof(vf));
     if (!scratch) return -1;
     float *gain = (float *)(scratch + h), *pad = gain + d;
-#define ALONG(A) rows_along(x, y, n, d, h, w1t, b1, w2, c2, A, scratch, gain, pad)
+#define ALONG(A) bad = rows_along(x, y, n, d, h, w1t, b1, w2, c2, A, scratch, gain, pad)
     BY_ACTIVATION(ALONG)
 #undef ALONG
 #undef BY_ACTIVATION
     free(scratch);
-    return 0;
+    return bad;
 }
 
 /* Every layer of a pack in one call (the per-call cost of Python and ctypes was most of a small
  * base's rebuild). Per layer i, meta[8i..8i+7] = n, d, h, act, x (address of the frozen rows),
  * y offset (floats into arena), params offset (floats into params: w1 (d, h), b1 (h), w2 (h, d),
- * b2 (d), as the pack stores them), 0; scales[2i], scales[2i+1] = 1/s, 1/activation gain.
+ * b2 (d), as the pack stores them), and meta[8i+7] is set to 1 when some output of the layer is
+ * NaN or infinite, else 0; scales[2i], scales[2i+1] = 1/s, 1/activation gain.
  * The modulator is prepared here exactly as km.modulate_fast prepares it (float32 products), so
  * this gives the same numbers as km_modulate_rows per layer. Returns 0, or -(i + 1) for the
  * first layer that could not be rebuilt. */
-int km_modulate_layers(int64_t count, const int64_t *meta, const float *scales,
+int km_modulate_layers(int64_t count, int64_t *meta, const float *scales,
                        const float *params, float *arena)
 {
     int64_t most = 0;
@@ -389,7 +434,7 @@ int km_modulate_layers(int64_t count, const int64_t *meta, const float *scales,
     if (!prepared) return -1;
     int status = 0;
     for (int64_t i = 0; i < count && status == 0; i++) {
-        const int64_t *m = meta + 8 * i;
+        int64_t *m = meta + 8 * i;
         int64_t n = m[0], d = m[1], h = m[2];
         const float *w1 = params + m[6], *b1 = w1 + d * h, *w2 = b1 + h, *b2 = w2 + h * d;
         float inv_s = scales[2 * i], inv_gain = scales[2 * i + 1];
@@ -401,9 +446,11 @@ int km_modulate_layers(int64_t count, const int64_t *meta, const float *scales,
             }
         for (int64_t e = 0; e < h * d; e++) w2s[e] = w2[e] * inv_gain;
         for (int64_t k = 0; k < d; k++) c2[k] = b2[k] + 1.0f;
-        if (km_modulate_rows((const float *)(intptr_t)m[4], arena + m[5], n, d, h, w1s, w1t, b1,
-                             w2s, c2, (int)m[3]) != 0)
+        int rc = km_modulate_rows((const float *)(intptr_t)m[4], arena + m[5], n, d, h, w1s, w1t,
+                                  b1, w2s, c2, (int)m[3]);
+        if (rc < 0)
             status = (int)-(i + 1);
+        m[7] = rc; /* 1: some output of this layer is NaN or infinite */
     }
     free(prepared);
     return status;

@@ -359,13 +359,13 @@ def rebuild_size(base_kernels: dict[str, np.ndarray], layers: list[Layer]) -> in
                for layer in layers if layer.name in base_kernels)
 
 
-def _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads) -> list[bool]:
-    """Rebuild in one compiled call every KM layer whose rows are the output's layout; which
-    layers it did (none without the kernel: numpy does them all, and any layer the kernel leaves
-    out, where modulate_fast names what does not fit). Lean on purpose: on a small base the
-    per-layer Python here was as long as the arithmetic."""
+def _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads) -> list[bool | None]:
+    """Rebuild in one compiled call every KM layer whose rows are the output's layout. Per layer:
+    None (not done: without the kernel numpy does them all, and any layer the kernel leaves out,
+    where modulate_fast names what does not fit), else whether its output is finite. Lean on
+    purpose: on a small base the per-layer Python here was as long as the arithmetic."""
     if not native.available():
-        return [False] * len(layers)
+        return [None] * len(layers)
     jobs, picked = [], []
     for i, (layer, shape, offset) in enumerate(zip(layers, shapes, offsets)):
         activation = layer.activation
@@ -383,15 +383,15 @@ def _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads) -> li
         jobs.append((base_kernels[layer.name], d, offset, tensors["w1"], tensors["b1"],
                      tensors["w2"], tensors["b2"], activation, layer.scale, _ACTIVATION_GAIN[activation]))
         picked.append(i)
-    done = [False] * len(layers)
-    for i, did in zip(picked, native.modulate_layers(jobs, arena, threads)):
-        done[i] = did
+    done: list[bool | None] = [None] * len(layers)
+    for i, finite in zip(picked, native.modulate_layers(jobs, arena, threads)):
+        done[i] = finite
     return done
 
 
 def rebuild_kernels(
     base_kernels: dict[str, np.ndarray], layers: list[Layer], threads: int | None = None,
-    buffer: np.ndarray | None = None,
+    buffer: np.ndarray | None = None, finite: dict[str, bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """Adapted kernels for every adapted layer of a model.
 
@@ -400,7 +400,9 @@ def rebuild_kernels(
     not returned (the base keeps its own copy). All kernels are views into one float32 buffer: ``buffer`` (at
     least :func:`rebuild_size` elements; a warm reused buffer saves the page faults of a fresh
     one) or a new array, so a pack's kernels are allocated and freed as one block.
-    ``threads > 1`` rebuilds layers in parallel (numpy releases the GIL in its loops).
+    ``threads > 1`` rebuilds layers in parallel (numpy and the compiled kernel release the GIL).
+    ``finite``, if given, receives ``{layer name: whether its kernel is finite}`` for the layers the
+    compiled kernel rebuilt (it checks each value as it writes it); the others are not in it.
     """
     shapes = []
     for layer in layers:
@@ -423,10 +425,12 @@ def rebuild_kernels(
         offsets.append(offset)
         offset += size
     done = _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads)
+    if finite is not None:  # what the compiled kernel checked as it wrote (a pass saved)
+        finite.update((layer.name, ok) for layer, ok in zip(layers, done) if ok is not None)
     # numpy, one call per layer: batching small layers of the same (d, h) into one padded group
     # was measured slower (6-25 % on the registry bases) than modulate_fast's few calls per layer
     tasks = [(size, lambda job=(base_kernels[layer.name], layer, out): _rebuild_one(*job))
-             for layer, out, size, did in zip(layers, outs, sizes, done) if not did]
+             for layer, out, size, did in zip(layers, outs, sizes, done) if did is None]
     if threads and threads > 1 and len(tasks) > 1:
         from concurrent.futures import ThreadPoolExecutor
 

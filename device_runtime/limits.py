@@ -117,12 +117,16 @@ def check_input_size(name: str, spec: Mapping, input_hw: tuple[int | None, int |
             )
 
 
-def check_finite_kernels(name: str, kernels: Mapping[str, np.ndarray]) -> None:
-    """Every rebuilt kernel finite (a finite pack can still overflow float32 in the rebuild)."""
+def check_finite_kernels(name: str, kernels: Mapping[str, np.ndarray],
+                         checked: Mapping[str, bool] | None = None) -> None:
+    """Every rebuilt kernel finite (a finite pack can still overflow float32 in the rebuild).
+    ``checked``: layers whose finiteness the rebuild already established (the compiled kernel
+    checks every value as it writes it; ``km.rebuild_kernels(finite=...)``), not read again."""
     for layer, kernel in kernels.items():
-        # one pass, no boolean temporary: a NaN or infinity anywhere makes the sum non-finite (so
-        # does a sum beyond float32's range, which no usable kernel comes near)
-        if not np.isfinite(np.add.reduce(kernel, axis=None)):
+        known = None if checked is None else checked.get(layer)
+        # otherwise one pass, no boolean temporary: a NaN or infinity anywhere makes the sum
+        # non-finite (so does a sum beyond float32's range, which no usable kernel comes near)
+        if not (known if known is not None else np.isfinite(np.add.reduce(kernel, axis=None))):
             raise NonFiniteError(
                 f"{name}: the rebuilt kernel of layer {layer!r} is not finite "
                 "(the pack's numbers overflow float32)"

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 ENV = "KM_EDGE_NATIVE"  # "0": use numpy even where the kernel is built
-ABI_VERSION = 2  # KM_ABI_VERSION in _kmnative.c: a kernel of another version is not used
+ABI_VERSION = 3  # KM_ABI_VERSION in _kmnative.c: a kernel of another version is not used
 ACTIVATION_CODES = {"relu": 0, "silu": 1, "tanh": 2, "gelu": 3}  # the enum in _kmnative.c
 LIBRARY_STEM = "_kmnative"  # setup.py's extension name, device_runtime._kmnative
 
@@ -126,7 +126,7 @@ def modulate_rows(rows: np.ndarray, out: np.ndarray, w1: np.ndarray, b1: np.ndar
     w1t = _f32(w1.T)
     status = _FN(rows.ctypes.data, out.ctypes.data, n, d, h, w1.ctypes.data, w1t.ctypes.data,
                  b1.ctypes.data, w2.ctypes.data, c2.ctypes.data, ACTIVATION_CODES[activation])
-    return status == 0
+    return status >= 0  # 1: done, some output not finite (the caller's own checks see it)
 
 
 class Job(NamedTuple):
@@ -144,17 +144,20 @@ class Job(NamedTuple):
     gain: float  # what the kernel's activation leaves, act(x) * gain (km._ACTIVATION_GAIN)
 
 
-def modulate_layers(jobs: list[Job | tuple], arena: np.ndarray, threads: int | None = None) -> list[bool]:
+def modulate_layers(jobs: list[Job | tuple], arena: np.ndarray,
+                    threads: int | None = None) -> list[bool | None]:
     """Every job (a :class:`Job` or a plain tuple in its field order) in one call per thread,
-    outputs into ``arena`` (1-D float32) at their offsets; which jobs it did.
+    outputs into ``arena`` (1-D float32) at their offsets. Per job: None (not done), True (done,
+    every output finite) or False (done, some output NaN or infinite: checked in registers as it
+    was written, so the caller needs no pass of its own over the kernel).
 
-    A job whose sizes, types or place in the arena do not fit is left out (False: the caller's
+    A job whose sizes, types or place in the arena do not fit is left out (None: the caller's
     numpy path rebuilds it, or names what is wrong), so the C code only ever sees sizes and
-    addresses checked here. All False when the kernel is absent or refuses. With ``threads > 1``
+    addresses checked here. All None when the kernel is absent or refuses. With ``threads > 1``
     the jobs are split into that many groups of about equal size, each one call in its own thread
     (ctypes releases the GIL).
     """
-    done = [False] * len(jobs)
+    done: list[bool | None] = [None] * len(jobs)
     if _LAYERS_FN is None or not jobs:
         return done
     if not is_f32(arena) or arena.ndim != 1 or not arena.flags.c_contiguous:
@@ -186,11 +189,16 @@ def modulate_layers(jobs: list[Job | tuple], arena: np.ndarray, threads: int | N
     address = arena.ctypes.data
     groups = _groups([jobs[i][0].size for i in taken], threads)
 
+    meta = meta.copy()  # writable: the kernel writes each layer's finite flag into column 7
+
     def run(group: np.ndarray | None) -> int:
         group_meta = meta if group is None else meta[group]  # copies, alive through the call
         group_scales = scales if group is None else scales[group]
-        return _LAYERS_FN(len(group_meta), group_meta.ctypes.data, group_scales.ctypes.data,
-                          flat.ctypes.data, address)
+        status = _LAYERS_FN(len(group_meta), group_meta.ctypes.data, group_scales.ctypes.data,
+                            flat.ctypes.data, address)
+        if group is not None:
+            meta[group, 7] = group_meta[:, 7]
+        return status
 
     if len(groups) == 1:
         ok = run(None) == 0
@@ -200,8 +208,8 @@ def modulate_layers(jobs: list[Job | tuple], arena: np.ndarray, threads: int | N
         with ThreadPoolExecutor(max_workers=len(groups)) as pool:
             ok = all(status == 0 for status in pool.map(run, groups))
     if ok:
-        for i in taken:
-            done[i] = True
+        for i, flag in zip(taken, meta[:, 7].tolist()):
+            done[i] = flag == 0
     return done
 
 

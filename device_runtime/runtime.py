@@ -278,8 +278,9 @@ class Runtime:
         image, are checked finite before anything is kept."""
         # overflow in a hostile pack's rebuild is refused just below, not warned about
         with _Stopwatch(timings, "rebuild"), np.errstate(all="ignore"):
-            kernels = self.rebuild_kernels(pack)
-            limits.check_finite_kernels(path.name, kernels)
+            finite: dict[str, bool] = {}
+            kernels = self.rebuild_kernels(pack, finite)
+            limits.check_finite_kernels(path.name, kernels, finite)
         overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
         for layer in pack.bn:
             for tensor_name, array in layer.tensors.items():
@@ -293,14 +294,15 @@ class Runtime:
                 self._check_scores(path, pack, backend)
         return backend
 
-    def rebuild_kernels(self, pack) -> dict[str, np.ndarray]:
+    def rebuild_kernels(self, pack, finite: dict[str, bool] | None = None) -> dict[str, np.ndarray]:
         """The checked ``pack``'s adapted kernels, as a load builds them: kernels onnxruntime
         fuses at load go into the shared buffer (so they are valid until the next rebuild; a
-        session never reads them after its creation), the rest into an array of their own."""
+        session never reads them after its creation), the rest into an array of their own.
+        ``finite``: as for ``km.rebuild_kernels``."""
         with self._build_lock:
-            return self._rebuild_kernels(pack)
+            return self._rebuild_kernels(pack, finite)
 
-    def _rebuild_kernels(self, pack) -> dict[str, np.ndarray]:
+    def _rebuild_kernels(self, pack, finite: dict[str, bool] | None = None) -> dict[str, np.ndarray]:
         base_kernels = self.base.conv_kernels()
         shared = [layer for layer in pack.layers if layer.name in self._shared_layers]
         kept = [layer for layer in pack.layers if layer.name not in self._shared_layers]
@@ -308,8 +310,8 @@ class Runtime:
             # sized once for every shared layer of the base, so it is never reallocated
             size = sum(int(np.prod(self.base.conv_shapes[name])) for name in self._shared_layers)
             self._shared_buffer = np.empty(size, dtype=np.float32)
-        kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer)
-        kernels.update(km.rebuild_kernels(base_kernels, kept, self.threads))
+        kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer, finite)
+        kernels.update(km.rebuild_kernels(base_kernels, kept, self.threads, finite=finite))
         return kernels
 
     def _provider_for(self, pack, digest: str):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from test_device_runtime import device_folder, make_pack, random_images
 
-from device_runtime import keys, km, native
-from device_runtime.errors import ShapeMismatchError
+from device_runtime import keys, km, limits, native
+from device_runtime.errors import NonFiniteError, ShapeMismatchError
 from device_runtime.pack import Layer
 
 TOLERANCE = 1e-6  # absolute and relative, on the rebuilt kernel (as tests/test_fast_rebuild.py)
@@ -170,7 +170,7 @@ def test_jobs_that_do_not_fit_are_left_to_numpy():
         return native.Job(**fields)
 
     good = [job(i) for i in range(4)]
-    assert native.modulate_layers(good, arena) == [True] * 4
+    assert native.modulate_layers(good, arena) == [True] * 4  # done, every value finite
     done = arena.copy()
     cases = {
         "beyond the arena": job(1, offset=arena.size - 10),
@@ -183,7 +183,7 @@ def test_jobs_that_do_not_fit_are_left_to_numpy():
     }
     for name, bad in cases.items():
         arena[:] = 0
-        assert native.modulate_layers([*good[:3], bad], arena) == [True, True, True, False], name
+        assert native.modulate_layers([*good[:3], bad], arena) == [True, True, True, None], name
         np.testing.assert_array_equal(arena[:good[3].offset], done[:good[3].offset], err_msg=name)
     with pytest.raises(ValueError, match="arena"):
         native.modulate_layers(good, arena.astype(np.float64))
@@ -191,6 +191,40 @@ def test_jobs_that_do_not_fit_are_left_to_numpy():
     wrong = {n: np.zeros(s, np.float32) for n, s in km.modulator_shapes(4, 8).items()}
     with pytest.raises(ShapeMismatchError, match="w1"):
         km.rebuild_kernels(kernels, [Layer(**{**vars(layers[0]), "tensors": wrong}), *layers[1:4]])
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [None, 2])
+def test_the_kernel_reports_layers_whose_values_overflow(threads):
+    """The compiled kernel checks every value as it writes it, so a load needs no pass of its own:
+    a layer that overflows (or reads a NaN) is reported as not finite, its neighbours as finite,
+    on every path (rows across, along, partial tiles), and the runtime's check refuses it by name."""
+    kernels, layers = pack_of(count=8)
+    for index, layer in enumerate(layers[:8]):
+        if index % 3 == 0:
+            continue
+        kernel = kernels[layer.name].copy()
+        flat = kernel.reshape(-1)
+        if index % 3 == 1:
+            flat[-1] = np.float32(3e38)  # times a gain above 1: infinity, in the last (partial) row
+        else:
+            flat[flat.size // 2] = np.nan
+        kernels[layer.name] = kernel
+    finite = {}
+    rebuilt = km.rebuild_kernels(kernels, layers, threads=threads, finite=finite)
+    expected = {layer.name: bool(np.isfinite(rebuilt[layer.name]).all()) for layer in layers}
+    for layer in layers:
+        if layer.adapter == "km" and not (layer.kind == "channel" and kernels[layer.name].shape[2] > 1):
+            assert finite[layer.name] == expected[layer.name], layer.name
+        else:  # rebuilt by numpy (LoRA, channel vectors of a spatial kernel): not vouched for
+            assert layer.name not in finite
+    assert not all(finite.values()) and any(finite.values())
+    bad = next(name for name, ok in finite.items() if not ok)
+    with pytest.raises(NonFiniteError, match=f"layer '{bad}'"):
+        limits.check_finite_kernels("p.kmp", rebuilt, finite)
+    # the layers the kernel vouched for pass without being read again
+    fine = {name: kernel for name, kernel in rebuilt.items() if finite.get(name)}
+    limits.check_finite_kernels("p.kmp", fine, finite)
 
 
 def run_python(code: str, **env) -> dict:
