@@ -39,7 +39,7 @@ def _library_path() -> Path | None:
 
 
 def _load():
-    """(function, path, None) or (None, path, why not)."""
+    """((rows function, layers function), path, None), or (None, path or None, why not)."""
     if os.environ.get(ENV, "1").strip() == "0":
         return None, None, f"turned off by {ENV}=0"
     path = _library_path()
@@ -120,7 +120,7 @@ def modulate_rows(rows: np.ndarray, out: np.ndarray, w1: np.ndarray, b1: np.ndar
             or not rows.flags.c_contiguous or not out.flags.c_contiguous):
         raise ValueError("modulate_rows needs C-contiguous float32 rows and out of one shape")
     w1, b1, w2, c2 = _f32(w1), _f32(b1), _f32(w2), _f32(c2)
-    h = w1.shape[1]
+    h = w1.shape[1] if w1.ndim == 2 else -1
     if w1.shape != (d, h) or b1.shape != (h,) or w2.shape != (h, d) or c2.shape != (d,):
         raise ValueError(f"modulator shapes {w1.shape} {b1.shape} {w2.shape} {c2.shape} do not fit rows of {d}")
     w1t = _f32(w1.T)
