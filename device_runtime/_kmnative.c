@@ -136,6 +136,17 @@ INLINE vf vact(vf x, int act)
     }
 }
 
+/* rows [whole, n) of x, a partial tile, through a zero-padded copy (pad: 2 * VW * d floats), so
+ * the tile code only ever sees whole tiles; TILE(in, out) rebuilds one tile */
+#define PADDED_TAIL(TILE)                                                      \
+    if (whole < n) {                                                           \
+        int64_t tail = (n - whole) * d;                                        \
+        memset(pad, 0, sizeof(float) * (size_t)(VW * d));                      \
+        memcpy(pad, x + whole * d, sizeof(float) * (size_t)tail);              \
+        TILE(pad, pad + VW * d);                                               \
+        memcpy(y + whole * d, pad + VW * d, sizeof(float) * (size_t)tail);     \
+    }
+
 /* the rows of a partial tile, checked after the fact (the zero rows padding it are not the
  * kernel's, and must not count) */
 static int tail_nonfinite(const float *y, int64_t count)
@@ -263,13 +274,9 @@ INLINE int rows_across(const float *restrict x, float *restrict y, int64_t n, in
         bad |= pair_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
     for (int64_t start = pairs; start < whole; start += VW)
         bad |= tile_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
-    if (whole < n) {
-        int64_t tail = (n - whole) * d;
-        memset(pad, 0, sizeof(float) * (size_t)(VW * d));
-        memcpy(pad, x + whole * d, sizeof(float) * (size_t)tail);
-        tile_across(pad, pad + VW * d, d, h, w1, b1, w2, c2, act, xt, hid);
-        memcpy(y + whole * d, pad + VW * d, sizeof(float) * (size_t)tail);
-    }
+#define TILE(in, out) tile_across(in, out, d, h, w1, b1, w2, c2, act, xt, hid)
+    PADDED_TAIL(TILE)
+#undef TILE
     int any = whole < n && tail_nonfinite(y + whole * d, (n - whole) * d);
     for (int r = 0; r < VW; r++) any |= bad[r] != 0;
     return any;
@@ -342,13 +349,9 @@ INLINE int rows_along(const float *restrict x, float *restrict y, int64_t n, int
     int64_t whole = n - n % VW;
     for (int64_t start = 0; start < whole; start += VW)
         bad |= tile_along(x + start * d, y + start * d, d, h, w1t, b1, w2, c2, act, hid, gain);
-    if (whole < n) {
-        int64_t tail = (n - whole) * d;
-        memset(pad, 0, sizeof(float) * (size_t)(VW * d));
-        memcpy(pad, x + whole * d, sizeof(float) * (size_t)tail);
-        tile_along(pad, pad + VW * d, d, h, w1t, b1, w2, c2, act, hid, gain);
-        memcpy(y + whole * d, pad + VW * d, sizeof(float) * (size_t)tail);
-    }
+#define TILE(in, out) tile_along(in, out, d, h, w1t, b1, w2, c2, act, hid, gain)
+    PADDED_TAIL(TILE)
+#undef TILE
     return (int)(bad >> 31) | (whole < n && tail_nonfinite(y + whole * d, (n - whole) * d));
 }
 
@@ -377,20 +380,18 @@ int km_modulate_rows(const float *x, float *y, int64_t n, int64_t d, int64_t h,
     if (d < (h == 1 ? ROW_MIN_D_ONE_HIDDEN : ROW_MIN_D)) {
         float pad[2 * VW * ROW_MIN_D];
         /* the default kernel modulators of 3x3 and 5x5 convs: constant sizes, so registers */
-        if (d == 9 && h == 8) {
-            vf xt[18], hid[16];
-#define ACROSS(A) bad = rows_across(x, y, n, 9, 8, w1, b1, w2, c2, A, xt, hid, pad)
-            BY_ACTIVATION(ACROSS)
-#undef ACROSS
-            return bad;
+#define ACROSS_FIXED(A) bad = rows_across(x, y, n, fixed_d, fixed_h, w1, b1, w2, c2, A, xt, hid, pad)
+#define SPECIALISED(D, H)                                                              \
+        if (d == (D) && h == (H)) {                                                    \
+            const int64_t fixed_d = (D), fixed_h = (H); /* constants once inlined */   \
+            vf xt[2 * (D)], hid[2 * (H)];                                              \
+            BY_ACTIVATION(ACROSS_FIXED)                                                \
+            return bad;                                                                \
         }
-        if (d == 25 && h == 8) {
-            vf xt[50], hid[16];
-#define ACROSS(A) bad = rows_across(x, y, n, 25, 8, w1, b1, w2, c2, A, xt, hid, pad)
-            BY_ACTIVATION(ACROSS)
-#undef ACROSS
-            return bad;
-        }
+        SPECIALISED(9, 8)
+        SPECIALISED(25, 8)
+#undef SPECIALISED
+#undef ACROSS_FIXED
         vf *scratch = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(2 * (d + h)));
         if (!scratch) return -1;
 #define ACROSS(A) bad = rows_across(x, y, n, d, h, w1, b1, w2, c2, A, scratch, scratch + 2 * d, pad)

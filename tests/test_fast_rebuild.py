@@ -99,11 +99,17 @@ def model_layers(seed=5):
         kernels[name] = weight
         layers.append(Layer(name=name, adapter="km", kind=kind, activation=km.ACTIVATIONS[index % 4],
                             scale=scale, tensors=tensors))
-    kernels["lora"] = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
-    layers.append(Layer(name="lora", adapter="lora", kind="", activation="", scale=0.5,
-                        tensors={"a": rng.normal(size=(2, 27)).astype(np.float32),
-                                 "b": rng.normal(size=(6, 2)).astype(np.float32)}))
+    kernels["lora"], lora = lora_layer(rng)
+    layers.append(lora)
     return kernels, layers
+
+
+def lora_layer(rng):
+    """A 3x3 conv kernel and a rank-2 LoRA layer record for it (name "lora")."""
+    layer = Layer(name="lora", adapter="lora", kind="", activation="", scale=0.5,
+                  tensors={"a": rng.normal(size=(2, 27)).astype(np.float32),
+                           "b": rng.normal(size=(6, 2)).astype(np.float32)})
+    return rng.normal(size=(6, 3, 3, 3)).astype(np.float32), layer
 
 
 def expected_kernels(kernels, layers):

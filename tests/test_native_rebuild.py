@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_device_runtime import device_folder, make_pack, random_images
+from test_fast_rebuild import expected_kernels, lora_layer
 
 from device_runtime import keys, km, limits, native
 from device_runtime.errors import NonFiniteError, ShapeMismatchError
@@ -121,19 +122,9 @@ def pack_of(count=12, seed=3):
         kernels[name] = weight
         layers.append(Layer(name=name, adapter="km", kind=kind, activation=km.ACTIVATIONS[index % 4],
                             scale=scale, tensors=tensors))
-    rng = np.random.default_rng(seed)
-    kernels["lora"] = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
-    layers.append(Layer(name="lora", adapter="lora", kind="", activation="", scale=0.5,
-                        tensors={"a": rng.normal(size=(2, 27)).astype(np.float32),
-                                 "b": rng.normal(size=(6, 2)).astype(np.float32)}))
+    kernels["lora"], lora = lora_layer(np.random.default_rng(seed))
+    layers.append(lora)
     return kernels, layers
-
-
-def definition(kernels, layers):
-    return {layer.name: (km.modulate(kernels[layer.name], layer.tensors, layer.kind, layer.activation,
-                                     layer.scale) if layer.adapter == "km"
-                         else km.lora_update(kernels[layer.name], layer.tensors, layer.scale))
-            for layer in layers}
 
 
 @needs_native
@@ -142,7 +133,7 @@ def test_one_call_per_pack_matches_per_layer_and_the_definition(threads):
     kernels, layers = pack_of()
     buffer = np.full(km.rebuild_size(kernels, layers) + 7, np.nan, dtype=np.float32)
     rebuilt = km.rebuild_kernels(kernels, layers, threads=threads, buffer=buffer)
-    expected = definition(kernels, layers)
+    expected = expected_kernels(kernels, layers)
     for layer in layers:
         kernel = rebuilt[layer.name]
         assert np.shares_memory(kernel, buffer)
