@@ -47,7 +47,10 @@ typedef int32_t vi __attribute__((vector_size(4 * VW)));
 #endif
 #pragma GCC diagnostic ignored "-Wpsabi" /* the vector helpers are always inlined: no ABI crosses */
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+/* AVX-512 and AVX2+FMA clones of the entry point, picked by the loader (ifunc) for the CPU it runs
+ * on; GCC 11 named the x86-64-v3/v4 levels. Elsewhere one build for the target's baseline (NEON on
+ * aarch64, SSE2 on older x86 compilers). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 11
 #define KM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define KM_CLONES
