@@ -16,8 +16,8 @@ The torch parametrization in ``km_edge.adapters`` imports the layout helpers bel
 against :func:`modulate`, the definition. The device rebuilds with :func:`modulate_fast` (through
 :func:`rebuild_kernels`): the same numbers within float32 rounding, computed near the memory floor
 by a compiled kernel where the install built one (device_runtime.native), else by numpy
-(tests/test_fast_rebuild.py and tests/test_native_rebuild.py hold them to the definition). The same module holds the LoRA update so
-packs of that baseline can run on the device too.
+(tests/test_fast_rebuild.py and tests/test_native_rebuild.py hold them to the definition). The
+same module holds the LoRA update so packs of that baseline can run on the device too.
 """
 
 from __future__ import annotations
@@ -371,13 +371,10 @@ def _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads) -> li
         activation = layer.activation
         if layer.adapter != "km" or activation not in _ACTIVATION_GAIN:
             continue
-        spatial = shape[2] * shape[3]
-        if layer.kind == "kernel" or (layer.kind == "auto" and spatial > 1):
-            d = spatial
-        elif spatial == 1:
-            d = shape[1]
-        else:
+        kind = layer.kind  # resolved: a record's kind is kernel or channel
+        if kind not in ("kernel", "channel") or (kind == "channel" and shape[2] * shape[3] != 1):
             continue  # channel vectors of a spatial kernel: modulate_fast transposes them
+        d = vector_length(kind, shape)
         tensors = layer.tensors
         # a plain tuple in native.Job's field order (a named tuple costs a microsecond a layer)
         jobs.append((base_kernels[layer.name], d, offset, tensors["w1"], tensors["b1"],
