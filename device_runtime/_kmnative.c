@@ -139,15 +139,15 @@ INLINE vf vact(vf x, int act)
     }
 }
 
-/* rows [whole, n) of x, a partial tile, through a zero-padded copy (pad: 2 * VW * d floats), so
- * the tile code only ever sees whole tiles; TILE(in, out) rebuilds one tile */
-#define PADDED_TAIL(TILE)                                                      \
+/* rows [whole, n) of x, fewer than a tile of ROWS, through a zero-padded copy (pad: 2 * ROWS * d
+ * floats), so the tile code only ever sees whole tiles; TILE(in, out) rebuilds one tile */
+#define PADDED_TAIL(TILE, ROWS)                                                \
     if (whole < n) {                                                           \
         int64_t tail = (n - whole) * d;                                        \
-        memset(pad, 0, sizeof(float) * (size_t)(VW * d));                      \
+        memset(pad, 0, sizeof(float) * (size_t)((ROWS) * d));                  \
         memcpy(pad, x + whole * d, sizeof(float) * (size_t)tail);              \
-        TILE(pad, pad + VW * d);                                               \
-        memcpy(y + whole * d, pad + VW * d, sizeof(float) * (size_t)tail);     \
+        TILE(pad, pad + (ROWS) * d);                                           \
+        memcpy(y + whole * d, pad + (ROWS) * d, sizeof(float) * (size_t)tail); \
     }
 
 /* the rows of a partial tile, checked after the fact (the zero rows padding it are not the
@@ -159,58 +159,18 @@ static int tail_nonfinite(const float *y, int64_t count)
     return (int)(bad >> 31);
 }
 
-/* VW short rows (a full tile: VW * d floats) at once, transposed so every step runs across the
- * rows; xt (d vectors) and hid (h vectors) are the caller's. Always inlined: called with constant
- * d and h, the loops unroll and xt and hid live in registers. */
-INLINE vi tile_across(const float *restrict x, float *restrict y, int64_t d, int64_t h,
-                        const float *restrict w1, const float *restrict b1,
-                        const float *restrict w2, const float *restrict c2, int act,
-                        vf *restrict xt, vf *restrict hid)
-{
-    vi bad = {0};
-    int64_t k0 = d - d % VW; /* columns [0, k0) come through in-register transposes, VW at a time */
-    for (int64_t c = 0; c < k0; c += VW) {
-        vf rows[VW];
-        for (int r = 0; r < VW; r++) memcpy(&rows[r], x + r * d + c, sizeof(vf));
-        transpose8(rows, xt + c);
-    }
-    for (int64_t k = k0; k < d; k++)
-        xt[k] = (vf){x[k], x[d + k], x[2 * d + k], x[3 * d + k],
-                     x[4 * d + k], x[5 * d + k], x[6 * d + k], x[7 * d + k]};
-    /* the loops over the hidden units unrolled: with h a constant (the specialisations) every
-     * hid[j] is a register through the loops over the row */
-    UNROLL for (int64_t j = 0; j < h; j++) hid[j] = splat(b1[j]);
-    for (int64_t k = 0; k < d; k++) {
-        vf v = xt[k];
-        UNROLL for (int64_t j = 0; j < h; j++) hid[j] += v * w1[k * h + j];
-    }
-    UNROLL for (int64_t j = 0; j < h; j++) hid[j] = vact(hid[j], act);
-    for (int64_t k = 0; k < d; k++) {
-        vf gk = splat(c2[k]);
-        UNROLL for (int64_t j = 0; j < h; j++) gk += hid[j] * w2[j * d + k];
-        gk *= xt[k];
-        bad |= nonfinite(gk);
-        if (k < k0) xt[k] = gk; /* the output takes the input's place, transposed back below */
-        else for (int r = 0; r < VW; r++) y[r * d + k] = gk[r];
-    }
-    for (int64_t c = 0; c < k0; c += VW) {
-        vf rows[VW];
-        transpose8(xt + c, rows);
-        for (int r = 0; r < VW; r++) memcpy(y + r * d + c, &rows[r], sizeof(vf));
-    }
-    return bad;
-}
-
-/* two tiles (2 * VW short rows) at once, their steps interleaved: one tile's chains (the hidden
- * sums, GELU's exp and division, the output sums) are too short to keep the core busy; xt: 2 * d
- * vectors, hid: 2 * h */
+/* 2 * VW short rows at once: two tiles of VW rows, each transposed so every step runs across its
+ * rows, their steps interleaved (one tile's chains, the hidden sums, GELU's exp and division and
+ * the output sums, are too short to keep the core busy). xt: 2 * d vectors, hid: 2 * h, the
+ * caller's; always inlined: called with constant d and h, the loops unroll and the hidden units
+ * live in registers. */
 INLINE vi pair_across(const float *restrict x, float *restrict y, int64_t d, int64_t h,
                         const float *restrict w1, const float *restrict b1,
                         const float *restrict w2, const float *restrict c2, int act,
                         vf *restrict xt, vf *restrict hid)
 {
     vi bad = {0};
-    int64_t k0 = d - d % VW;
+    int64_t k0 = d - d % VW; /* columns [0, k0) come through in-register transposes, VW at a time */
     for (int t = 0; t < 2; t++) {
         const float *xs = x + t * VW * d;
         for (int64_t c = 0; c < k0; c += VW) {
@@ -264,21 +224,19 @@ INLINE vi pair_across(const float *restrict x, float *restrict y, int64_t d, int
     return bad;
 }
 
-/* n short rows: whole tiles in place, the last partial one through a zero-padded copy;
- * pad: 2 * VW * d floats */
+/* n short rows: whole tiles of 2 * VW rows in place, the rest through a zero-padded copy;
+ * pad: 4 * VW * d floats */
 INLINE int rows_across(const float *restrict x, float *restrict y, int64_t n, int64_t d, int64_t h,
                         const float *restrict w1, const float *restrict b1,
                         const float *restrict w2, const float *restrict c2, int act,
                         vf *restrict xt, vf *restrict hid, float *restrict pad)
 {
     vi bad = {0};
-    int64_t pairs = n - n % (2 * VW), whole = n - n % VW;
-    for (int64_t start = 0; start < pairs; start += 2 * VW)
+    int64_t whole = n - n % (2 * VW);
+    for (int64_t start = 0; start < whole; start += 2 * VW)
         bad |= pair_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
-    for (int64_t start = pairs; start < whole; start += VW)
-        bad |= tile_across(x + start * d, y + start * d, d, h, w1, b1, w2, c2, act, xt, hid);
-#define TILE(in, out) tile_across(in, out, d, h, w1, b1, w2, c2, act, xt, hid)
-    PADDED_TAIL(TILE)
+#define TILE(in, out) pair_across(in, out, d, h, w1, b1, w2, c2, act, xt, hid)
+    PADDED_TAIL(TILE, 2 * VW)
 #undef TILE
     int any = whole < n && tail_nonfinite(y + whole * d, (n - whole) * d);
     for (int r = 0; r < VW; r++) any |= bad[r] != 0;
@@ -353,7 +311,7 @@ INLINE int rows_along(const float *restrict x, float *restrict y, int64_t n, int
     for (int64_t start = 0; start < whole; start += VW)
         bad |= tile_along(x + start * d, y + start * d, d, h, w1t, b1, w2, c2, act, hid, gain);
 #define TILE(in, out) tile_along(in, out, d, h, w1t, b1, w2, c2, act, hid, gain)
-    PADDED_TAIL(TILE)
+    PADDED_TAIL(TILE, VW)
 #undef TILE
     return (int)(bad >> 31) | (whole < n && tail_nonfinite(y + whole * d, (n - whole) * d));
 }
@@ -381,7 +339,7 @@ int km_modulate_rows(const float *x, float *y, int64_t n, int64_t d, int64_t h,
     default: CALL(ACT_GELU); break;                    \
     }
     if (d < (h == 1 ? ROW_MIN_D_ONE_HIDDEN : ROW_MIN_D)) {
-        float pad[2 * VW * ROW_MIN_D];
+        float pad[4 * VW * ROW_MIN_D]; /* rows_across: two tiles of 2 * VW rows */
         /* the default kernel modulators of 3x3 and 5x5 convs: constant sizes, so registers */
 #define ACROSS_FIXED(A) bad = rows_across(x, y, n, fixed_d, fixed_h, w1, b1, w2, c2, A, xt, hid, pad)
 #define SPECIALISED(D, H)                                                              \

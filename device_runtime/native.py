@@ -182,14 +182,14 @@ def modulate_layers(jobs: list[Job | tuple], arena: np.ndarray,
         at += 2 * d * h + h + d
     if not taken:
         return done
-    # array.array: a tenth of the time np.array takes on a list of small tuples
+    # array.array: a tenth of the time np.array takes on a list of small tuples; writable, as the
+    # kernel writes each layer's finite flag into column 7
     meta = np.frombuffer(array.array("q", meta), dtype=np.int64).reshape(-1, 8)
     scales = np.frombuffer(array.array("f", scales), dtype=np.float32).reshape(-1, 2)
     flat = np.concatenate(params, axis=None)
     address = arena.ctypes.data
     groups = _groups([jobs[i][0].size for i in taken], threads)
 
-    meta = meta.copy()  # writable: the kernel writes each layer's finite flag into column 7
 
     def run(group: np.ndarray | None) -> int:
         group_meta = meta if group is None else meta[group]  # copies, alive through the call
