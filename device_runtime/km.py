@@ -22,6 +22,7 @@ same module holds the LoRA update so packs of that baseline can run on the devic
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -389,6 +390,7 @@ def _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads) -> li
 def rebuild_kernels(
     base_kernels: dict[str, np.ndarray], layers: list[Layer], threads: int | None = None,
     buffer: np.ndarray | None = None, finite: dict[str, bool] | None = None,
+    offsets: list[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Adapted kernels for every adapted layer of a model.
 
@@ -397,6 +399,9 @@ def rebuild_kernels(
     not returned (the base keeps its own copy). All kernels are views into one float32 buffer: ``buffer`` (at
     least :func:`rebuild_size` elements; a warm reused buffer saves the page faults of a fresh
     one) or a new array, so a pack's kernels are allocated and freed as one block.
+    ``offsets`` (with ``buffer``): where each layer's kernel starts in ``buffer``, in elements, when
+    the kernels must land at given places (the runtime's RAM copy of base.weights) instead of one
+    after another; they may not overlap.
     ``threads > 1`` rebuilds layers in parallel (numpy and the compiled kernel release the GIL).
     ``finite``, if given, receives ``{layer name: whether its kernel is finite}`` for the layers the
     compiled kernel rebuilt (it checks each value as it writes it); the others are not in it.
@@ -410,17 +415,23 @@ def rebuild_kernels(
             raise ShapeMismatchError(f"layer {name!r} has unknown adapter {layer.adapter!r}")
         shapes.append(tuple(np.shape(base_kernels[name])))
     sizes = [math.prod(shape) for shape in shapes]
+    if offsets is None:
+        offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
+    elif buffer is None or len(offsets) != len(layers):
+        raise ValueError("offsets need a buffer and one offset per layer")
+    end = max((offset + size for offset, size in zip(offsets, sizes)), default=0)
     if buffer is None:
-        arena = np.empty(sum(sizes), dtype=np.float32)
-    elif buffer.dtype != np.float32 or buffer.ndim != 1 or buffer.size < sum(sizes):
-        raise ValueError(f"buffer must be 1-D float32 with at least {sum(sizes)} elements")
+        arena = np.empty(end, dtype=np.float32)
+    elif buffer.dtype != np.float32 or buffer.ndim != 1 or buffer.size < end:
+        raise ValueError(f"buffer must be 1-D float32 with at least {end} elements")
     else:
         arena = buffer
-    outs, offsets, offset = [], [], 0
-    for shape, size in zip(shapes, sizes):
-        outs.append(arena[offset:offset + size].reshape(shape))
-        offsets.append(offset)
-        offset += size
+    spans = sorted(zip(offsets, sizes))
+    if any(offset < 0 for offset, _ in spans[:1]) or any(
+            offset + size > following for (offset, size), (following, _) in zip(spans, spans[1:])):
+        raise ValueError("offsets must be non-negative and the kernels may not overlap")
+    outs = [arena[offset:offset + size].reshape(shape)
+            for offset, size, shape in zip(offsets, sizes, shapes)]
     done = _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads)
     if finite is not None:  # what the compiled kernel checked as it wrote (a pass saved)
         finite.update((layer.name, ok) for layer, ok in zip(layers, done) if ok is not None)

@@ -140,6 +140,33 @@ def test_rebuild_kernels_builds_every_layer_into_one_buffer(threads):
         np.testing.assert_array_equal(kernel, rebuilt[name])
 
 
+@pytest.mark.parametrize("threads", [None, 3])
+def test_rebuild_kernels_writes_each_layer_at_its_offset_and_nothing_else(threads):
+    """Where the runtime's RAM copy of base.weights needs them: the kernels at given places, in any
+    order, with gaps left as they were."""
+    kernels, layers = model_layers()
+    sizes = [kernels[layer.name].size for layer in layers]
+    offsets, at = [], 7
+    for size in reversed(sizes):  # last layer first, a gap of 5 floats between kernels
+        offsets.insert(0, at)
+        at += size + 5
+    buffer = np.full(at, -3.0, dtype=np.float32)
+    rebuilt = km.rebuild_kernels(kernels, layers, threads=threads, buffer=buffer, offsets=offsets)
+    packed = km.rebuild_kernels(kernels, layers)
+    written = np.zeros(buffer.size, bool)
+    for layer, offset, size in zip(layers, offsets, sizes):
+        assert np.shares_memory(rebuilt[layer.name], buffer[offset:offset + size])
+        np.testing.assert_array_equal(buffer[offset:offset + size], packed[layer.name].reshape(-1))
+        written[offset:offset + size] = True
+    assert (buffer[~written] == -3.0).all()
+    with pytest.raises(ValueError, match="overlap"):
+        km.rebuild_kernels(kernels, layers[:2], buffer=buffer, offsets=[0, sizes[0] - 1])
+    with pytest.raises(ValueError, match="at least"):
+        km.rebuild_kernels(kernels, layers[:1], buffer=buffer, offsets=[buffer.size - 1])
+    with pytest.raises(ValueError, match="one offset per layer"):
+        km.rebuild_kernels(kernels, layers, buffer=buffer, offsets=[0])
+
+
 @pytest.mark.parametrize("activation", km.ACTIVATIONS)
 def test_many_small_layers_next_to_big_ones_match_the_definition(activation):
     """Many small layers sharing (d, h, activation), of different lengths, next to big ones: what a
