@@ -3,7 +3,9 @@
 ``OrtBackend`` is the production path. Overrides go through
 ``SessionOptions.add_external_initializers``: they replace initializers stored as external data
 *before* graph optimisation, so Conv+BN fusion at ORT_ENABLE_ALL uses the task's kernels.
-(``add_initializer`` is silently ignored for conv weights at that level - measured.)
+(``add_initializer`` is silently ignored for conv weights at that level - measured.) Reading a
+kernel from the graph's weights file is faster still at session creation, which is why the Runtime
+may pass a graph in its RAM copy of the base files (``ramcopy``) with the fused kernels already in it.
 ``ReferenceBackend`` runs the same graph with ``onnx.reference`` as a slow pure-Python check.
 
 Execution providers: ``cpu`` (the default and the reference), ``cuda``, ``tensorrt`` (with an

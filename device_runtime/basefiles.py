@@ -446,6 +446,10 @@ class Base:
         """{conv layer name: frozen kernel (O, I/groups, kh, kw)}, views of the mapped file."""
         return {name: self._view(entry) for name, entry in self._conv.items()}
 
+    def conv_offsets(self) -> dict[str, int]:
+        """{conv layer name: byte offset of its kernel in base.weights}."""
+        return {name: int(entry["offset"]) for name, entry in self._conv.items()}
+
     def bn_tensors(self) -> dict[str, dict[str, np.ndarray]]:
         """{BN layer name: {"weight"|"bias"|"running_mean"|"running_var": array view}}."""
         return {name: {t: self._view(spec) for t, spec in entry["tensors"].items()}

@@ -9,7 +9,8 @@ Given a ``rollback.RollbackState``, the "not older" rule also holds across proce
 a pack older than the version the device recorded is refused, and every activated pack is recorded.
 
 Memory: on the CPU provider, kernels that onnxruntime fuses into BatchNorm while it builds the
-session (``backends.fused_at_load``) are rebuilt into one buffer reused by every load, so a cached
+session (``backends.fused_at_load``) are rebuilt into one buffer reused by every load (where it
+can, the RAM copy of base.weights that the session is created from: ``ramcopy``), so a cached
 pack costs what onnxruntime holds, not another copy of the conv weights; evicting a pack hands
 freed memory back to the OS (``malloc_trim`` on glibc), so RSS stays bounded by the cache size.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import km, limits
+from . import km, limits, ramcopy
 from .backends import ProviderConfig, fused_at_load, make_backend
 from .basefiles import BN_TENSORS, Base
 from .errors import (
@@ -193,6 +194,10 @@ class Runtime:
             self._shared_layers = {name for name in self.base.conv_shapes
                                    if self.base.initializer_for(name) in fused}
         self._shared_buffer = np.zeros(0, dtype=np.float32)
+        # where those kernels go instead when it can be had: a RAM copy of the base files that the
+        # session is created from (ramcopy: a faster session); made at the first rebuild
+        self._ram_copy: ramcopy.RamCopy | None = None
+        self._ram_copy_state = "not made yet"
         self._build_lock = threading.RLock()  # the shared buffer serves one rebuild at a time
         self._newest_version: dict[str, int] = {}  # task -> highest pack_version loaded
         self.active: LoadedPack | None = None
@@ -281,12 +286,15 @@ class Runtime:
             finite: dict[str, bool] = {}
             kernels = self.rebuild_kernels(pack, finite)
             limits.check_finite_kernels(path.name, kernels, finite)
-        overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()}
+        in_copy = self._shared_layers if self._ram_copy is not None else set()
+        overrides = {self.base.initializer_for(name): kernel for name, kernel in kernels.items()
+                     if name not in in_copy}  # those are in the RAM copy's weights already
         for layer in pack.bn:
             for tensor_name, array in layer.tensors.items():
                 overrides[self.base.initializer_for(layer.name, tensor_name)] = array
+        graph_path = self._ram_copy.graph_path if self._ram_copy is not None else self.base.graph_path
         with _Stopwatch(timings, "session"):
-            backend = make_backend(self.backend_name, self.base.graph_path, overrides, self.threads,
+            backend = make_backend(self.backend_name, graph_path, overrides, self.threads,
                                    provider=self._provider_for(pack, digest))
         timings["probe"] = 0.0
         if probe:
@@ -296,9 +304,9 @@ class Runtime:
 
     def rebuild_kernels(self, pack, finite: dict[str, bool] | None = None) -> dict[str, np.ndarray]:
         """The checked ``pack``'s adapted kernels, as a load builds them: kernels onnxruntime
-        fuses at load go into the shared buffer (so they are valid until the next rebuild; a
-        session never reads them after its creation), the rest into an array of their own.
-        ``finite``: as for ``km.rebuild_kernels``."""
+        fuses at load go into the RAM copy of base.weights or else the shared buffer (so they are
+        valid until the next rebuild; a session never reads them after its creation), the rest
+        into an array of their own. ``finite``: as for ``km.rebuild_kernels``."""
         with self._build_lock:
             return self._rebuild_kernels(pack, finite)
 
@@ -306,11 +314,18 @@ class Runtime:
         base_kernels = self.base.conv_kernels()
         shared = [layer for layer in pack.layers if layer.name in self._shared_layers]
         kept = [layer for layer in pack.layers if layer.name not in self._shared_layers]
-        if self._shared_buffer.size < km.rebuild_size(base_kernels, shared):
+        if self._shared_layers and self._ram_copy_state == "not made yet":
+            self._ram_copy, self._ram_copy_state = ramcopy.create(self.base)
+            log.debug("fused kernels: %s", self._ram_copy_state)
+        if self._ram_copy is not None:
+            buffer, offsets = self._ram_copy.place([layer.name for layer in shared])
+            kernels = km.rebuild_kernels(base_kernels, shared, self.threads, buffer, finite, offsets)
+        elif self._shared_buffer.size < km.rebuild_size(base_kernels, shared):
             # sized once for every shared layer of the base, so it is never reallocated
             size = sum(int(np.prod(self.base.conv_shapes[name])) for name in self._shared_layers)
             self._shared_buffer = np.empty(size, dtype=np.float32)
-        kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer, finite)
+        if self._ram_copy is None:
+            kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer, finite)
         kernels.update(km.rebuild_kernels(base_kernels, kept, self.threads, finite=finite))
         return kernels
 
@@ -332,6 +347,16 @@ class Runtime:
         self._digests.clear()
         self.active = None
         release_memory()
+
+    @property
+    def fused_kernels_via(self) -> str:
+        """How kernels onnxruntime fuses at load reach the session: the RAM copy of the base
+        files (``ramcopy``) or ``add_external_initializers``, and why not the copy."""
+        if self._ram_copy is not None:
+            return f"RAM copy of the base files ({self._ram_copy.folder.parent})"
+        if not self._shared_layers:
+            return "add_external_initializers (no kernel is fused at load with this provider)"
+        return f"add_external_initializers ({self._ram_copy_state})"
 
     @property
     def cached(self) -> list[str]:
