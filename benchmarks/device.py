@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from device_runtime.native import ENV as NATIVE_ENV  # noqa: E402  (after the path: runs from a checkout)
+from device_runtime.ramcopy import ENV as RAM_COPY_ENV  # noqa: E402
 
 DEFAULT_BASES = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "efficientnet_b0", "tf_efficientnet_lite0"]
 ROTATION_PACKS = 6   # distinct packs loaded round-robin ...
@@ -124,6 +125,45 @@ def child_rotation(base: str, pubkey: str, packs: list[str]) -> dict:
     from device_runtime.bench import rotation_rss
 
     return rotation_rss(_runtime(base, pubkey, ROTATION_CACHE), packs, loads=ROTATION_LOADS)
+
+
+def child_handover(base: str, pubkey: str, pack_path: str, repeats: int) -> dict:
+    """Cold loads of one pack by two runtimes in one process, alternating, each beside a plain
+    session: one creates sessions from its RAM copy of the base files, the other (``RAM_COPY_ENV``
+    off) hands the fused kernels over with add_external_initializers. Paired, so a busy moment of a
+    shared machine falls on both."""
+    from device_runtime.backends import make_backend
+    from device_runtime.runtime import release_memory
+
+    runtimes = {}
+    for mode, setting in (("ram_copy", os.environ.get(RAM_COPY_ENV)), ("in_memory", "off")):
+        if setting is None:
+            os.environ.pop(RAM_COPY_ENV, None)
+        else:
+            os.environ[RAM_COPY_ENV] = setting
+        runtimes[mode] = _runtime(base, pubkey)
+        runtimes[mode].load_pack(pack_path)  # the copy is made at the first load: not timed
+    base_graph = runtimes["ram_copy"].base.graph_path
+    times = {key: [] for key in ("plain", "ram_copy", "in_memory", "ram_copy_session", "in_memory_session")}
+    for run in range(repeats):
+        for mode in (("ram_copy", "in_memory") if run % 2 == 0 else ("in_memory", "ram_copy")):
+            runtime = runtimes[mode]
+            release_memory()
+            start = time.perf_counter()
+            plain = make_backend("ort", base_graph, {}, 1, provider="cpu")
+            times["plain"].append((time.perf_counter() - start) * 1000.0)
+            del plain
+            runtime.clear_cache()
+            start = time.perf_counter()
+            loaded = runtime.load_pack(pack_path)
+            times[mode].append((time.perf_counter() - start) * 1000.0)
+            times[f"{mode}_session"].append(loaded.timings_ms["session"])
+    plain = statistics.median(times["plain"])
+    return {"via": {mode: runtimes[mode].fused_kernels_via for mode in runtimes},
+            "median_ms": {key: round(statistics.median(values), 2) for key, values in times.items()},
+            "over_plain": {mode: round(statistics.median(times[mode]) / plain, 3)
+                           for mode in ("ram_copy", "in_memory")},
+            "repeats": repeats}
 
 
 def ort_side_graph(runtime, pack) -> bytes:
@@ -324,6 +364,9 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
         f"Kernels rebuilt by: {', '.join(sorted({r['bench']['fp32'].get('rebuild_engine', 'numpy') for r in results['bases'].values()}))} "
         "(`native`: the compiled kernel, device_runtime/_kmnative.c; `numpy`: the fallback).",
+        f"Kernels onnxruntime fuses at load reach the session through: "
+        f"{'; '.join(sorted({r['bench']['fp32'].get('fused_kernels_via', '?') for r in results['bases'].values()}))} "
+        "(see *How the kernels reach the session* below).",
         "",
         "| base | pack | conv MiB | verify | rebuild | session | load_pack total | plain session | total / plain | "
         "probe (serve) | with probe / plain | rebuild / floor | rebuild / fresh-array floor | cache hit | "
@@ -357,6 +400,30 @@ def write_markdown(path: Path, results: dict) -> None:
         "before a pack replaces a served one (`load_pack(probe=True)`), elsewhere a request's own score "
         "check refuses such a pack at its first image. *CPU time* columns: the same ratios in process CPU "
         "time, which other jobs on a shared machine disturb far less than wall time.",
+        "",
+        "## How the kernels reach the session (fp32 pack)",
+        "",
+        "| base | plain session | session, RAM copy | session, in memory | load_pack, RAM copy | "
+        "load_pack, in memory | load / plain, RAM copy | load / plain, in memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arch, row in results["bases"].items():
+        handover = row.get("handover")
+        if handover is None:
+            continue
+        ms, over = handover["median_ms"], handover["over_plain"]
+        lines.append(
+            f"| {arch} | {fmt(ms['plain'])} | {fmt(ms['ram_copy_session'])} | {fmt(ms['in_memory_session'])} | "
+            f"{fmt(ms['ram_copy'])} | {fmt(ms['in_memory'])} | **{fmt(over['ram_copy'], 2)}×** | "
+            f"{fmt(over['in_memory'], 2)}× |")
+    lines += [
+        "",
+        "Medians in ms of cold loads by two runtimes in one process, alternating, each load after a plain "
+        "session (`--child handover`). *RAM copy*: the runtime copies base.onnx and base.weights once into "
+        "a private folder on a RAM file system (/dev/shm), rebuilds the kernels onnxruntime fuses at load "
+        "into that copy and creates the session from it, as a plain session reads the base "
+        f"(device_runtime/ramcopy.py). *In memory*: `{RAM_COPY_ENV}=off`, every kernel handed over with "
+        "`add_external_initializers`, what the runtime does where it has no RAM folder.",
         "",
         "## Inference with a pack vs the plain base (fp32 pack, paired alternating runs)",
         "",
@@ -488,6 +555,8 @@ def main(argv=None) -> int:
             print(json.dumps(child_rotation(rest[0], rest[1], rest[2:])))
         elif kind == "ort-side":
             print(json.dumps(child_ort_side(rest[0], rest[1], rest[2], int(rest[3]))))
+        elif kind == "handover":
+            print(json.dumps(child_handover(rest[0], rest[1], rest[2], int(rest[3]))))
         elif kind == "rebuild-cost":
             print(json.dumps(child_rebuild_cost(rest[0], rest[1], rest[2], int(rest[3]))))
         return 0
@@ -526,6 +595,8 @@ def main(argv=None) -> int:
                 "--pubkey", pubkey, "--threads", "1", "--batch", "8", "--repeats", str(args.repeats),
                 # inference is reported for the fp32 pack (an fp16 pack decodes to the same float32 graph)
                 "--runs", str(args.runs if dtype == "fp32" else 2), "--provider", "cpu", "--json"])
+        print(f"[{arch}] kernels through the RAM copy or in memory", flush=True)
+        row["handover"] = _child(args.cpu, "handover", info["base"], pubkey, info["fp32"], 2 * args.repeats)
         row["conv_mib"] = round(row["bench"]["fp32"]["conv_bytes"] / 2**20, 2)
         print(f"[{arch}] rotation RSS", flush=True)
         row["rotation"] = _child(args.cpu, "rotation", info["base"], pubkey, *info["rotation"])

@@ -174,6 +174,7 @@ def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats:
         "trt_fp16": runtime.provider.trt_fp16 if runtime.provider.name == "tensorrt" else None,
         "threads": runtime.threads,
         "rebuild_engine": native.engine(),  # the compiled kernel, or numpy where the install has none
+        "fused_kernels_via": runtime.fused_kernels_via,  # the RAM copy of the base files, or in memory
         "repeats": repeats,
         "conv_bytes": int(conv_bytes),
         "load_ms": load,

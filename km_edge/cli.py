@@ -635,6 +635,7 @@ def bench_cmd(pack_path, base_dir, pubkeys, batch, repeats, runs, threads, provi
         f"{report['conv_bytes'] / 2**20:.1f} MiB into a reused buffer) {report['rebuild_over_floor']['median']:.2f}x"
         f" (fresh arrays {report['rebuild_floor_fresh_ms']['median']:.2f} ms: "
         f"{report['rebuild_over_floor_fresh']['median']:.2f}x)",
+        f"  kernels fused at load reach the session through: {report['fused_kernels_via']}",
         f"  CPU time: load / plain {report['cpu_load_over_plain']['median']:.2f}x, "
         f"rebuild / floor {report['cpu_rebuild_over_floor']['median']:.2f}x",
     ]

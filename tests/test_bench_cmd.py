@@ -44,6 +44,8 @@ def test_bench_reports_the_load_breakdown_references_and_inference(project):
     report = json.loads(result.stdout)
     assert report["provider"] == "cpu" and report["task"] == "task0" and report["threads"] == 1
     assert report["rebuild_engine"] == native.engine()  # what rebuilt the kernels being timed
+    # how the fused kernels reached the sessions timed: the RAM copy, or in memory and why
+    assert report["fused_kernels_via"].startswith(("RAM copy of the base files (", "add_external_initializers ("))
     load = report["load_ms"]
     for key in ("verify", "rebuild", "session", "total", "cache_hit", "probe", "total_with_probe"):
         assert load[key]["n"] == 3 and 0 < load[key]["min"] <= load[key]["median"] <= load[key]["p90"]
