@@ -139,6 +139,8 @@ def test_the_default_ram_folder_is_used_and_left_clean(tmp_path, signer, monkeyp
     export(tmp_path / "base")
     runtime = Runtime(tmp_path / "base", trusted)
     runtime.load_pack(make_pack(tmp_path / "a.kmp", runtime.base, key))
+    if runtime._ram_copy is None:  # e.g. a container's small /dev/shm, already used by others
+        pytest.skip(f"no RAM copy on this machine: {runtime.fused_kernels_via}")
     folder = runtime._ram_copy.folder
     assert folder.parent == Path(ramcopy.DEFAULT_DIR) and folder.exists()
     runtime._ram_copy.close()
