@@ -197,7 +197,7 @@ class Runtime:
         # where those kernels go instead when it can be had: a RAM copy of the base files that the
         # session is created from (ramcopy: a faster session); made at the first rebuild
         self._ram_copy: ramcopy.RamCopy | None = None
-        self._ram_copy_state = "not made yet"
+        self._ram_copy_state: str | None = None  # what came of making it; None: not tried yet
         self._build_lock = threading.RLock()  # the shared buffer serves one rebuild at a time
         self._newest_version: dict[str, int] = {}  # task -> highest pack_version loaded
         self.active: LoadedPack | None = None
@@ -314,18 +314,18 @@ class Runtime:
         base_kernels = self.base.conv_kernels()
         shared = [layer for layer in pack.layers if layer.name in self._shared_layers]
         kept = [layer for layer in pack.layers if layer.name not in self._shared_layers]
-        if self._shared_layers and self._ram_copy_state == "not made yet":
+        if self._shared_layers and self._ram_copy_state is None:
             self._ram_copy, self._ram_copy_state = ramcopy.create(self.base)
             log.debug("fused kernels: %s", self._ram_copy_state)
         if self._ram_copy is not None:
             buffer, offsets = self._ram_copy.place([layer.name for layer in shared])
-            kernels = km.rebuild_kernels(base_kernels, shared, self.threads, buffer, finite, offsets)
-        elif self._shared_buffer.size < km.rebuild_size(base_kernels, shared):
-            # sized once for every shared layer of the base, so it is never reallocated
-            size = sum(int(np.prod(self.base.conv_shapes[name])) for name in self._shared_layers)
-            self._shared_buffer = np.empty(size, dtype=np.float32)
-        if self._ram_copy is None:
-            kernels = km.rebuild_kernels(base_kernels, shared, self.threads, self._shared_buffer, finite)
+        else:
+            if self._shared_buffer.size < km.rebuild_size(base_kernels, shared):
+                # sized once for every shared layer of the base, so it is never reallocated
+                size = sum(int(np.prod(self.base.conv_shapes[name])) for name in self._shared_layers)
+                self._shared_buffer = np.empty(size, dtype=np.float32)
+            buffer, offsets = self._shared_buffer, None
+        kernels = km.rebuild_kernels(base_kernels, shared, self.threads, buffer, finite, offsets)
         kernels.update(km.rebuild_kernels(base_kernels, kept, self.threads, finite=finite))
         return kernels
 
@@ -356,7 +356,7 @@ class Runtime:
             return f"RAM copy of the base files ({self._ram_copy.folder.parent})"
         if not self._shared_layers:
             return "add_external_initializers (no kernel is fused at load with this provider)"
-        return f"add_external_initializers ({self._ram_copy_state})"
+        return f"add_external_initializers ({self._ram_copy_state or 'no pack rebuilt yet'})"
 
     @property
     def cached(self) -> list[str]:
