@@ -132,7 +132,7 @@ def child_handover(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
     session: one creates sessions from its RAM copy of the base files, the other (``RAM_COPY_ENV``
     off) hands the fused kernels over with add_external_initializers. Paired, so a busy moment of a
     shared machine falls on both."""
-    from device_runtime.backends import make_backend
+    from device_runtime.bench import plain_session
     from device_runtime.runtime import release_memory
 
     runtimes = {}
@@ -143,14 +143,13 @@ def child_handover(base: str, pubkey: str, pack_path: str, repeats: int) -> dict
             os.environ[RAM_COPY_ENV] = setting
         runtimes[mode] = _runtime(base, pubkey)
         runtimes[mode].load_pack(pack_path)  # the copy is made at the first load: not timed
-    base_graph = runtimes["ram_copy"].base.graph_path
     times = {key: [] for key in ("plain", "ram_copy", "in_memory", "ram_copy_session", "in_memory_session")}
     for run in range(repeats):
         for mode in (("ram_copy", "in_memory") if run % 2 == 0 else ("in_memory", "ram_copy")):
             runtime = runtimes[mode]
             release_memory()
             start = time.perf_counter()
-            plain = make_backend("ort", base_graph, {}, 1, provider="cpu")
+            plain = plain_session(runtime)
             times["plain"].append((time.perf_counter() - start) * 1000.0)
             del plain
             runtime.clear_cache()

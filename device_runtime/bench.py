@@ -21,7 +21,7 @@ from . import native
 from .backends import make_backend
 from .runtime import release_memory
 
-__all__ = ["profile_pack", "rss_bytes", "rotation_rss"]
+__all__ = ["profile_pack", "plain_session", "rss_bytes", "rotation_rss"]
 
 
 def rss_bytes() -> dict[str, int]:
@@ -61,6 +61,13 @@ def _ratio(numerator: dict, denominator: dict) -> dict[str, float]:
             for key in ("median", "min")}
 
 
+def plain_session(runtime):
+    """A session of ``runtime``'s base graph with no pack, with the runtime's backend, threads and
+    provider: the reference a pack load is measured against."""
+    return make_backend(runtime.backend_name, runtime.base.graph_path, {}, runtime.threads,
+                        provider=runtime.provider.for_key("base") if runtime.backend_name == "ort" else None)
+
+
 def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats: int = 10,
                  infer_runs: int = 20) -> dict:
     """Load breakdown, cache hit, plain-session and memory-floor references, paired inference.
@@ -72,18 +79,13 @@ def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats:
     repeats, infer_runs, batch = max(1, int(repeats)), max(2, int(infer_runs)), max(1, int(batch))
     base = runtime.base
 
-    def plain_session():
-        return make_backend(runtime.backend_name, base.graph_path, {}, runtime.threads,
-                            provider=runtime.provider.for_key("base")
-                            if runtime.backend_name == "ort" else None)
-
     # warm-up: page cache, first-call costs of onnxruntime and numpy
     runtime.clear_cache()
     loaded = runtime.load_pack(pack_path)
     adapted = [layer.name for layer in loaded.pack.layers]
     kernels = base.conv_kernels()
     conv_bytes = sum(kernels[name].nbytes for name in adapted)
-    plain_session()
+    plain_session(runtime)
 
     # the memory floor: read the base kernels and write them where the rebuild writes them (the
     # runtime's reused buffer; a fresh array would add page faults the rebuild does not pay, that
@@ -101,7 +103,7 @@ def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats:
         # so neither gets pages the other just freed
         release_memory()
         start, cpu_start = time.perf_counter(), time.process_time()
-        plain_backend = plain_session()
+        plain_backend = plain_session(runtime)
         plain.append(_ms(start))
         cpu["plain"].append(_cpu_ms(cpu_start))
         del plain_backend
@@ -140,7 +142,7 @@ def profile_pack(runtime, pack_path: str | os.PathLike, batch: int = 8, repeats:
     rss_after_load = rss_bytes()
 
     pack_backend = loaded.backend
-    plain_backend = plain_session()
+    plain_backend = plain_session(runtime)
     crop = int(runtime.preprocess_spec["crop"])
     rng = np.random.default_rng(0)
     inference = {}

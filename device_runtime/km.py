@@ -419,6 +419,11 @@ def rebuild_kernels(
         offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     elif buffer is None or len(offsets) != len(layers):
         raise ValueError("offsets need a buffer and one offset per layer")
+    else:
+        spans = sorted(zip(offsets, sizes))
+        if (spans and spans[0][0] < 0) or any(
+                offset + size > following for (offset, size), (following, _) in zip(spans, spans[1:])):
+            raise ValueError("offsets must be non-negative and the kernels may not overlap")
     end = max((offset + size for offset, size in zip(offsets, sizes)), default=0)
     if buffer is None:
         arena = np.empty(end, dtype=np.float32)
@@ -426,10 +431,6 @@ def rebuild_kernels(
         raise ValueError(f"buffer must be 1-D float32 with at least {end} elements")
     else:
         arena = buffer
-    spans = sorted(zip(offsets, sizes))
-    if any(offset < 0 for offset, _ in spans[:1]) or any(
-            offset + size > following for (offset, size), (following, _) in zip(spans, spans[1:])):
-        raise ValueError("offsets must be non-negative and the kernels may not overlap")
     outs = [arena[offset:offset + size].reshape(shape)
             for offset, size, shape in zip(offsets, sizes, shapes)]
     done = _rebuild_native(base_kernels, layers, shapes, offsets, arena, threads)

@@ -190,7 +190,6 @@ def modulate_layers(jobs: list[Job | tuple], arena: np.ndarray,
     address = arena.ctypes.data
     groups = _groups([jobs[i][0].size for i in taken], threads)
 
-
     def run(group: np.ndarray | None) -> int:
         group_meta = meta if group is None else meta[group]  # copies, alive through the call
         group_scales = scales if group is None else scales[group]

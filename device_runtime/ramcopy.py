@@ -80,8 +80,7 @@ def create(base) -> tuple[RamCopy | None, str]:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return None, f"{parent} is not a writable folder (set {ENV} to a RAM folder)"
     _remove_stale(parent, fcntl)
-    graph_bytes = os.path.getsize(base.graph_path)
-    weights_bytes = os.path.getsize(base.weights_path)
+    graph_bytes, weights_bytes = base.manifest["graph_bytes"], base.manifest["weights_bytes"]
     free = shutil.disk_usage(parent).free
     if free < graph_bytes + weights_bytes + HEADROOM_BYTES:
         return None, (f"{parent} has {free // 2**20} MiB free, the copy needs "
@@ -128,11 +127,14 @@ def _remove_stale(parent: Path, fcntl) -> None:
         return
     for entry in entries:
         try:
-            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            status = entry.stat()
+            if status.st_uid != os.getuid():
                 continue
             lock_path = Path(entry.path) / LOCK_FILE
             if not lock_path.exists():
-                if time.time() - entry.stat().st_mtime > _STALE_UNLOCKED_S:
+                if time.time() - status.st_mtime > _STALE_UNLOCKED_S:
                     shutil.rmtree(entry.path, ignore_errors=True)
                 continue
             fd = os.open(lock_path, os.O_RDONLY)
